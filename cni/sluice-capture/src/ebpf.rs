@@ -1,0 +1,452 @@
+//! The eBPF backend: loads sluice's object once, attaches its programs per pod and pins every
+//! link and map under one directory on bpffs, so capture outlives the process that set it up.
+//!
+//! Pin layout under the root (default `/sys/fs/bpf/sluice`):
+//! - `maps/SLUICE_*`: every map, shared by all pods and by every instance of the loader;
+//! - `pods/<uid>/<program>`: one link per attached program of an enrolled pod;
+//! - `proxy/original_dst`: the `SO_ORIGINAL_DST` emulation on the proxy's cgroup.
+//!
+//! Architecture invariant: a pod is enrolled exactly when `SLUICE_PODS` has its uid; its links,
+//! address and config entries are created after that entry and removed before it, so a crash
+//! in between leaves a record that the next `remove` or `enroll` cleans up.
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
+use aya::programs::Program;
+use aya::{Ebpf, EbpfLoader};
+use sluice_common::{AddrKey, PodKey, PodState, PodUidKey, Verdict, maps, programs};
+use tracing::{debug, info, warn};
+
+use crate::netns::Netns;
+use crate::sys::{self, AttachType};
+use crate::{Backend, CaptureError, PodCapture, PodUid, Redirector};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Where a program attaches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Netns,
+    PodCgroup,
+}
+
+/// The per-pod programs, in attach order: inbound first, then outbound (connect last, so the
+/// helpers that restore the peer and record the pair are in place before any redirect).
+const POD_PROGRAMS: [(&str, AttachType, Target); 6] = [
+    (programs::STEER_INBOUND, AttachType::SkLookup, Target::Netns),
+    (programs::GETPEERNAME4, AttachType::Inet4GetPeerName, Target::PodCgroup),
+    (programs::GETPEERNAME6, AttachType::Inet6GetPeerName, Target::PodCgroup),
+    (programs::SOCKOPS, AttachType::SockOps, Target::PodCgroup),
+    (programs::CONNECT4, AttachType::Inet4Connect, Target::PodCgroup),
+    (programs::CONNECT6, AttachType::Inet6Connect, Target::PodCgroup),
+];
+
+/// The loaded object plus the pin directory it manages.
+pub struct EbpfCapture {
+    ebpf: Ebpf,
+    root: PathBuf,
+}
+
+/// One enrolled pod as recorded in the pins.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EnrolledPod {
+    pub uid: String,
+    pub netns_cookie: u64,
+    pub addrs: Vec<IpAddr>,
+    /// Names of the programs whose links are pinned for this pod.
+    pub links: Vec<String>,
+}
+
+impl EbpfCapture {
+    /// Loads the object, reusing maps already pinned under `root` (so a restarted agent adopts
+    /// the pods an earlier one enrolled) or creating and pinning them.
+    pub fn load(root: impl Into<PathBuf>) -> Result<Self, CaptureError> {
+        let root = root.into();
+        ensure_bpffs(&root)?;
+        for dir in ["maps", "pods", "proxy"] {
+            let dir = root.join(dir);
+            std::fs::create_dir_all(&dir).map_err(|source| CaptureError::Pin { path: dir, source })?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(root.join("maps"))
+            .load(OBJECT)?;
+        for (name, _, _) in POD_PROGRAMS {
+            load_program(&mut ebpf, name)?;
+        }
+        load_program(&mut ebpf, programs::GETSOCKOPT)?;
+        info!(root = %root.display(), "ebpf capture loaded");
+        Ok(Self { ebpf, root })
+    }
+
+    pub fn pin_root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Attaches the `SO_ORIGINAL_DST` emulation to the proxy's cgroup. The proxy must join that
+    /// cgroup before it creates its listeners: a socket's cgroup is fixed when it is created.
+    pub fn attach_proxy(&mut self, cgroup: &Path) -> Result<(), CaptureError> {
+        let dir = open_cgroup(cgroup)?;
+        let link = self.link(programs::GETSOCKOPT, AttachType::GetSockopt, &dir, cgroup)?;
+        let pin = self.root.join("proxy").join(programs::GETSOCKOPT);
+        // Attach the new link before dropping an old one, so there is no moment without it.
+        unpin_link(&pin)?;
+        sys::obj_pin(link.as_fd(), &pin).map_err(|source| CaptureError::Pin { path: pin, source })?;
+        info!(cgroup = %cgroup.display(), "original-destination emulation attached to the proxy cgroup");
+        Ok(())
+    }
+
+    /// Removes the proxy's `SO_ORIGINAL_DST` emulation.
+    pub fn detach_proxy(&mut self) -> Result<(), CaptureError> {
+        unpin_link(&self.root.join("proxy").join(programs::GETSOCKOPT))
+    }
+
+    /// The pods enrolled under this pin root.
+    pub fn pods(&self) -> Result<Vec<EnrolledPod>, CaptureError> {
+        list_pods(&self.root)
+    }
+
+    fn enroll_pod(&mut self, pod: &PodCapture) -> Result<(), CaptureError> {
+        let netns = Netns::open(&pod.netns).map_err(|source| CaptureError::Netns { path: pod.netns.clone(), source })?;
+        let in_netns = |what, source| CaptureError::InNetns { what, netns: pod.netns.clone(), source };
+        let cookie = netns.cookie().map_err(|e| in_netns("read the netns cookie", e))?;
+        let addrs = if pod.addrs.is_empty() {
+            netns.addresses().map_err(|e| in_netns("list addresses", e))?
+        } else {
+            pod.addrs.clone()
+        };
+        let config = pod.config()?;
+        let cgroup = pod.cgroup.as_deref().map(|p| open_cgroup(p).map(|f| (f, p))).transpose()?;
+
+        if let Some(prev) = self.state(&pod.uid)?
+            && prev.netns_cookie != cookie
+        {
+            // Same uid, new sandbox (the runtime recreated the pod's netns): start over.
+            self.remove_uid(&pod.uid)?;
+        }
+        let key = PodKey { netns_cookie: cookie };
+        self.hash::<PodUidKey, PodState>(maps::PODS)?
+            .insert(pod.uid.key(), PodState { netns_cookie: cookie }, 0)
+            .map_err(map_err(maps::PODS))?;
+        self.hash(maps::POD_CONFIG)?.insert(key, config, 0).map_err(map_err(maps::POD_CONFIG))?;
+        self.set_addrs(key, &addrs)?;
+
+        let dir = self.pod_dir(&pod.uid);
+        std::fs::create_dir_all(&dir).map_err(|source| CaptureError::Pin { path: dir.clone(), source })?;
+        for (name, attach, target) in POD_PROGRAMS {
+            let pin = dir.join(name);
+            if pin.exists() {
+                continue;
+            }
+            let link = match (target, &cgroup) {
+                (Target::Netns, _) => self.link(name, attach, &netns, &pod.netns)?,
+                (Target::PodCgroup, Some((file, path))) => self.link(name, attach, file, path)?,
+                (Target::PodCgroup, None) => continue,
+            };
+            sys::obj_pin(link.as_fd(), &pin).map_err(|source| CaptureError::Pin { path: pin, source })?;
+        }
+        if cgroup.is_none() {
+            warn!(pod = %pod.uid, "no cgroup given: only inbound traffic is captured");
+        }
+        info!(pod = %pod.uid, netns_cookie = cookie, addrs = ?addrs, "pod captured (ebpf)");
+        Ok(())
+    }
+
+    /// Removes everything recorded for `uid`: links first (capture stops), then map entries.
+    fn remove_uid(&mut self, uid: &PodUid) -> Result<(), CaptureError> {
+        let dir = self.pod_dir(uid);
+        if dir.exists() {
+            let entries = std::fs::read_dir(&dir).map_err(|source| CaptureError::Pin { path: dir.clone(), source })?;
+            for entry in entries.flatten() {
+                unpin_link(&entry.path())?;
+            }
+            std::fs::remove_dir(&dir).map_err(|source| CaptureError::Pin { path: dir.clone(), source })?;
+        }
+        if let Some(state) = self.state(uid)? {
+            let key = PodKey { netns_cookie: state.netns_cookie };
+            self.set_addrs(key, &[])?;
+            ignore_missing(self.hash::<PodKey, sluice_common::PodConfig>(maps::POD_CONFIG)?.remove(&key), maps::POD_CONFIG)?;
+            let mut sockets: SockHash<&mut MapData, PodKey> = self.typed(maps::PROXY_INBOUND)?;
+            ignore_missing(sockets.remove(&key), maps::PROXY_INBOUND)?;
+            ignore_missing(self.hash::<PodUidKey, PodState>(maps::PODS)?.remove(&uid.key()), maps::PODS)?;
+            info!(pod = %uid, "pod released (ebpf)");
+        }
+        Ok(())
+    }
+
+    /// Makes `addrs` exactly the addresses owned by `pod`.
+    fn set_addrs(&mut self, pod: PodKey, addrs: &[IpAddr]) -> Result<(), CaptureError> {
+        let mut map = self.hash::<AddrKey, PodKey>(maps::POD_ADDRS)?;
+        let wanted: Vec<AddrKey> = addrs.iter().map(|a| addr_key(*a)).collect();
+        let stale: Vec<AddrKey> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| *v == pod && !wanted.contains(k))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            ignore_missing(map.remove(&k), maps::POD_ADDRS)?;
+        }
+        for k in wanted {
+            map.insert(k, pod, 0).map_err(map_err(maps::POD_ADDRS))?;
+        }
+        Ok(())
+    }
+
+    fn state(&mut self, uid: &PodUid) -> Result<Option<PodState>, CaptureError> {
+        match self.hash::<PodUidKey, PodState>(maps::PODS)?.get(&uid.key(), 0) {
+            Ok(state) => Ok(Some(state)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(CaptureError::Map { map: maps::PODS, source }),
+        }
+    }
+
+    fn pod_dir(&self, uid: &PodUid) -> PathBuf {
+        self.root.join("pods").join(uid.as_str())
+    }
+
+    fn link(
+        &self,
+        program: &'static str,
+        attach: AttachType,
+        target: &impl AsFd,
+        target_path: &Path,
+    ) -> Result<std::os::fd::OwnedFd, CaptureError> {
+        let prog = self
+            .ebpf
+            .program(program)
+            .ok_or(CaptureError::Program { program, source: aya::programs::ProgramError::NotLoaded })?;
+        let fd = prog.fd().map_err(|source| CaptureError::Program { program, source })?;
+        let link = sys::link_create(fd.as_fd(), target.as_fd(), attach)
+            .map_err(|source| CaptureError::Attach { program, target: target_path.to_path_buf(), source })?;
+        debug!(program, target = %target_path.display(), "link created");
+        Ok(link)
+    }
+
+    fn hash<K: aya::Pod, V: aya::Pod>(&mut self, name: &'static str) -> Result<HashMap<&mut MapData, K, V>, CaptureError> {
+        self.typed(name)
+    }
+
+    fn typed<'a, T>(&'a mut self, name: &'static str) -> Result<T, CaptureError>
+    where
+        T: TryFrom<&'a mut Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(CaptureError::Map { map: name, source: MapError::InvalidName { name: name.to_owned() } })?;
+        T::try_from(map).map_err(map_err(name))
+    }
+}
+
+impl Redirector for EbpfCapture {
+    fn backend(&self) -> Backend {
+        Backend::Ebpf
+    }
+
+    fn enroll(&mut self, pod: &PodCapture) -> Result<(), CaptureError> {
+        let result = self.enroll_pod(pod);
+        if let Err(e) = &result {
+            // Leave nothing half-attached: the caller sees the error and the pod stays out.
+            warn!(pod = %pod.uid, error = %e, "enrol failed; rolling back");
+            if let Err(e) = self.remove_uid(&pod.uid) {
+                warn!(pod = %pod.uid, error = %e, "rollback failed");
+            }
+        }
+        result
+    }
+
+    fn remove(&mut self, pod: &PodCapture) -> Result<(), CaptureError> {
+        self.remove_uid(&pod.uid)
+    }
+}
+
+/// Reads the pinned state without loading anything: the status view of `sluice-load`.
+pub fn list_pods(root: &Path) -> Result<Vec<EnrolledPod>, CaptureError> {
+    let Some(pods_map) = open_pinned(root, maps::PODS)? else { return Ok(Vec::new()) };
+    let pods: HashMap<MapData, PodUidKey, PodState> = HashMap::try_from(Map::HashMap(pods_map)).map_err(map_err(maps::PODS))?;
+    let addrs: Vec<(AddrKey, PodKey)> = match open_pinned(root, maps::POD_ADDRS)? {
+        Some(data) => {
+            let map: HashMap<MapData, AddrKey, PodKey> = HashMap::try_from(Map::HashMap(data)).map_err(map_err(maps::POD_ADDRS))?;
+            map.iter().filter_map(Result::ok).collect()
+        }
+        None => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for (key, state) in pods.iter().filter_map(Result::ok) {
+        let Some(uid) = PodUid::from_key(&key) else { continue };
+        let dir = root.join("pods").join(uid.as_str());
+        let mut links: Vec<String> = std::fs::read_dir(&dir)
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        links.sort();
+        out.push(EnrolledPod {
+            uid: uid.to_string(),
+            netns_cookie: state.netns_cookie,
+            addrs: addrs
+                .iter()
+                .filter(|(_, pod)| pod.netns_cookie == state.netns_cookie)
+                .map(|(a, _)| ip_of(a))
+                .collect(),
+            links,
+        });
+    }
+    out.sort_by(|a, b| a.uid.cmp(&b.uid));
+    Ok(out)
+}
+
+/// The node-wide verdict counters, summed over CPUs, in code order.
+pub fn verdicts(root: &Path) -> Result<Vec<(Verdict, u64)>, CaptureError> {
+    let Some(data) = open_pinned(root, maps::VERDICTS)? else {
+        return Ok(Verdict::ALL.iter().map(|v| (*v, 0)).collect());
+    };
+    let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(maps::VERDICTS))?;
+    Verdict::ALL
+        .iter()
+        .map(|v| {
+            let per_cpu = map.get(&(*v as u32), 0).map_err(map_err(maps::VERDICTS))?;
+            Ok((*v, per_cpu.iter().sum()))
+        })
+        .collect()
+}
+
+/// Removes the whole pin root if nothing is enrolled any more (tests and uninstall).
+pub fn remove_pin_root(root: &Path) -> Result<(), CaptureError> {
+    if !root.exists() {
+        return Ok(());
+    }
+    unpin_link(&root.join("proxy").join(programs::GETSOCKOPT))?;
+    std::fs::remove_dir_all(root).map_err(|source| CaptureError::Pin { path: root.to_path_buf(), source })
+}
+
+fn open_pinned(root: &Path, name: &'static str) -> Result<Option<MapData>, CaptureError> {
+    let path = root.join("maps").join(name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    MapData::from_pin(&path).map(Some).map_err(map_err(name))
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), CaptureError> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(CaptureError::Program { program: name, source: aya::programs::ProgramError::NotLoaded })?;
+    let loaded = match prog {
+        Program::SkLookup(p) => p.load(),
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSockopt(p) => p.load(),
+        _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+    };
+    loaded.map_err(|source| CaptureError::Program { program: name, source })
+}
+
+/// Detaches and unpins the link pinned at `path`; a missing pin is already done.
+fn unpin_link(path: &Path) -> Result<(), CaptureError> {
+    let link = match sys::obj_get(path) {
+        Ok(link) => link,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(CaptureError::Pin { path: path.to_path_buf(), source }),
+    };
+    // Detach now rather than when the last reference goes, so capture stops at once. A link
+    // whose netns or cgroup is already gone is auto-detached and may refuse this: fine.
+    if let Err(e) = sys::link_detach(link.as_fd()) {
+        debug!(pin = %path.display(), error = %e, "link already detached");
+    }
+    std::fs::remove_file(path).map_err(|source| CaptureError::Pin { path: path.to_path_buf(), source })
+}
+
+fn open_cgroup(path: &Path) -> Result<File, CaptureError> {
+    File::open(path).map_err(|source| CaptureError::Cgroup { path: path.to_path_buf(), source })
+}
+
+fn ensure_bpffs(root: &Path) -> Result<(), CaptureError> {
+    let parent = root.parent().unwrap_or(root);
+    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(parent.as_os_str()))
+        .map_err(|_| CaptureError::Pin { path: root.to_path_buf(), source: std::io::ErrorKind::InvalidInput.into() })?;
+    // SAFETY: statfs writes into a zeroed struct of the right type; c is a valid C string.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let ret = unsafe { libc::statfs(c.as_ptr(), &mut fs) };
+    if ret != 0 || fs.f_type != BPF_FS_MAGIC {
+        return Err(CaptureError::Pin {
+            path: root.to_path_buf(),
+            source: std::io::Error::other(format!(
+                "{} is not on bpffs; mount it with `mount -t bpf bpf /sys/fs/bpf`",
+                parent.display()
+            )),
+        });
+    }
+    Ok(())
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> CaptureError {
+    move |source| CaptureError::Map { map, source }
+}
+
+fn ignore_missing(result: Result<(), MapError>, map: &'static str) -> Result<(), CaptureError> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(CaptureError::Map { map, source }),
+    }
+}
+
+pub(crate) fn addr_key(addr: IpAddr) -> AddrKey {
+    // Same layout the programs see: network byte order words.
+    match addr {
+        IpAddr::V4(v4) => AddrKey { family: sluice_common::AF_INET, addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0] },
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => addr_key(IpAddr::V4(v4)),
+            None => {
+                let o = v6.octets();
+                let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                AddrKey { family: sluice_common::AF_INET6, addr: [word(0), word(4), word(8), word(12)] }
+            }
+        },
+    }
+}
+
+fn ip_of(key: &AddrKey) -> IpAddr {
+    if key.family == sluice_common::AF_INET {
+        IpAddr::from(key.addr[0].to_ne_bytes())
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in key.addr.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addr_keys_use_network_byte_order_like_the_kernel() {
+        let key = addr_key("10.1.2.3".parse().unwrap());
+        // The kernel's user_ip4 / local_ip4 for 10.1.2.3 is the bytes 0a 01 02 03 in memory.
+        assert_eq!(key.addr[0].to_ne_bytes(), [10, 1, 2, 3]);
+        assert_eq!(key.family, sluice_common::AF_INET);
+    }
+
+    #[test]
+    fn v4_mapped_v6_folds_into_the_v4_key() {
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(addr_key(mapped), addr_key("10.1.2.3".parse().unwrap()));
+    }
+
+    #[test]
+    fn addr_keys_round_trip() {
+        for a in ["10.1.2.3", "fd00::1:2", "2001:db8::ff"] {
+            let ip: IpAddr = a.parse().unwrap();
+            assert_eq!(ip_of(&addr_key(ip)), ip);
+        }
+    }
+}

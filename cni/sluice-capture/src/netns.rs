@@ -1,0 +1,171 @@
+//! Network namespaces: the one place in sluice that calls `setns(2)`.
+//!
+//! The proxy lives in the host netns and creates sockets inside pods' netns; the iptables
+//! backend runs `iptables-restore` inside them. A socket keeps the netns it was created in, so
+//! only socket creation has to happen "inside".
+
+use std::fs::File;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// `SO_NETNS_COOKIE` (Linux 5.14): the netns cookie as BPF's `bpf_get_netns_cookie` sees it.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// An open handle on a network namespace.
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+    path: PathBuf,
+}
+
+impl Netns {
+    /// Opens the netns at `path` (`/var/run/netns/NAME`, `/proc/PID/ns/net`, a CNI `CNI_NETNS`).
+    pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path)?;
+        Ok(Self { file, path })
+    }
+
+    /// Resolves `--netns` style arguments: a path, or a name under `/var/run/netns`.
+    pub fn open_named_or_path(arg: &str) -> io::Result<Self> {
+        if arg.contains('/') {
+            Self::open(arg)
+        } else {
+            Self::open(Path::new("/var/run/netns").join(arg))
+        }
+    }
+
+    /// The netns of the calling thread.
+    pub fn current() -> io::Result<Self> {
+        Self::open("/proc/thread-self/ns/net")
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The namespace's inode: equal inodes mean the same namespace.
+    pub fn inode(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.ino())
+    }
+
+    /// Runs `f` with the calling thread inside this netns, then moves the thread back.
+    ///
+    /// `f` must not block for long: on a tokio worker it holds the thread. If moving back fails
+    /// the process aborts, because a thread silently left in a pod's netns would create every
+    /// later socket there.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
+        let home = Self::current()?;
+        if home.inode()? == self.inode()? {
+            return Ok(f());
+        }
+        setns(self.file.as_fd())?;
+        let out = f();
+        if let Err(e) = setns(home.file.as_fd()) {
+            eprintln!("sluice: cannot return to the original network namespace: {e}; aborting");
+            std::process::abort();
+        }
+        Ok(out)
+    }
+
+    /// A command that starts inside this netns (the child joins it before `exec`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> io::Result<Command> {
+        let fd = self.file.try_clone()?;
+        let mut cmd = Command::new(program);
+        // SAFETY: the closure only calls setns(2), which is async-signal-safe, on an fd that the
+        // closure owns.
+        unsafe {
+            cmd.pre_exec(move || setns(fd.as_fd()));
+        }
+        Ok(cmd)
+    }
+
+    /// The netns cookie: sluice's per-pod key in every BPF map.
+    pub fn cookie(&self) -> io::Result<u64> {
+        let socket = self.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))??;
+        socket_netns_cookie(socket.as_fd())
+    }
+
+    /// The addresses configured inside the netns, except loopback and IPv6 link-local.
+    pub fn addresses(&self) -> io::Result<Vec<IpAddr>> {
+        self.run(interface_addresses)?
+    }
+}
+
+impl AsFd for Netns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+/// The netns cookie of the namespace a socket lives in.
+pub fn socket_netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid for writes of the sizes given.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: setns only reads the fd; CLONE_NEWNET checks it is a network namespace.
+    if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn interface_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head that freeifaddrs releases below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned, valid until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr whose family says which struct it is.
+        let addr = unsafe {
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                    IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
+                    IpAddr::from(sin6.sin6_addr.s6_addr)
+                }
+                _ => continue,
+            }
+        };
+        let link_local_v6 = matches!(addr, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
+        if !addr.is_loopback() && !link_local_v6 && !out.contains(&addr) {
+            out.push(addr);
+        }
+    }
+    // SAFETY: head came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}

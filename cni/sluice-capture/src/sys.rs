@@ -1,0 +1,119 @@
+//! The few `bpf(2)` commands aya 0.14 does not expose for every link type: creating a link from a
+//! loaded program, pinning it, opening a pin and force-detaching. Links made here are plain fds,
+//! so sk_lookup, cgroup sockopt and sock_addr links are all pinned the same way.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// `enum bpf_attach_type` values sluice uses.
+#[derive(Clone, Copy, Debug)]
+#[repr(u32)]
+pub enum AttachType {
+    SockOps = 3,
+    Inet4Connect = 10,
+    Inet6Connect = 11,
+    GetSockopt = 21,
+    Inet4GetPeerName = 29,
+    Inet6GetPeerName = 30,
+    SkLookup = 36,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    // The kernel requires every byte past what it reads to be zero; keep room for the
+    // type-specific tail of the union.
+    tail: [u64; 4],
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    pad: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkDetachAttr {
+    link_fd: u32,
+    pad: u32,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: attr points to a live, initialised, #[repr(C)] struct of the given size, laid out as
+    // the kernel's `union bpf_attr` member for `cmd`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr).cast::<libc::c_void>(),
+            std::mem::size_of::<T>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ret)
+}
+
+/// Attaches `prog` to `target` (a netns fd or a cgroup dir fd) as a bpf_link. Cgroup links
+/// always allow other programs beside them (BPF_F_ALLOW_MULTI semantics), so sluice composes
+/// with whatever else is attached (e.g. Cilium's socket LB on the root cgroup).
+pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach: AttachType) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: target.as_raw_fd() as u32,
+        attach_type: attach as u32,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: on success BPF_LINK_CREATE returns a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins a BPF object (link, map, program) at `path` on bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let path = c_path(path)?;
+    let mut attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// Opens the BPF object pinned at `path`.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let path = c_path(path)?;
+    let mut attr = ObjAttr { pathname: path.as_ptr() as u64, ..Default::default() };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: on success BPF_OBJ_GET returns a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Detaches a link now, even while other fds or pins still refer to it.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkDetachAttr { link_fd: link.as_raw_fd() as u32, pad: 0 };
+    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}

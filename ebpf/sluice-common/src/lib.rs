@@ -1,0 +1,259 @@
+//! The contract between sluice's eBPF programs and userspace: map names, key and value layouts,
+//! verdict codes and well-known ports.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding and no `bool`/`enum`/`Option`, because the
+//! kernel and userspace read the same bytes. Addresses and ports are stored exactly as the kernel
+//! hands them to the programs (network byte order words) so the hot path never converts.
+#![no_std]
+
+/// The proxy's in-pod outbound listener (`127.0.0.1` / `[::1]`).
+pub const PORT_OUTBOUND: u16 = 15001;
+/// The proxy's in-pod inbound listener for plaintext captured connections.
+pub const PORT_INBOUND: u16 = 15006;
+/// HBONE: never captured inbound, it reaches the proxy's own listener directly.
+pub const PORT_HBONE: u16 = 15008;
+/// How many ports a pod can exclude from capture in each direction.
+pub const MAX_EXCLUDED_PORTS: usize = 8;
+
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` and `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)`.
+pub const SOL_IP: i32 = 0;
+pub const SOL_IPV6: i32 = 41;
+pub const SO_ORIGINAL_DST: i32 = 80;
+
+/// Map names, shared so the loader can find and pin them.
+pub mod maps {
+    /// `AddrKey` → `PodKey`: which enrolled pod owns a local address (sk_lookup has no netns
+    /// cookie helper, so inbound steering is keyed by the destination address).
+    pub const POD_ADDRS: &str = "SLUICE_POD_ADDRS";
+    /// `PodKey` → `PodConfig`: per-pod capture exclusions.
+    pub const POD_CONFIG: &str = "SLUICE_POD_CONFIG";
+    /// `PodKey` → the proxy's inbound (15006) listener inside that pod (a SOCKHASH). The proxy
+    /// registers itself here; an empty slot makes inbound capture refuse connections.
+    pub const PROXY_INBOUND: &str = "SLUICE_PROXY_INBOUND";
+    /// socket cookie → `OrigDst`, written by connect4/6 for the app's socket.
+    pub const COOKIE_ORIG: &str = "SLUICE_COOKIE_ORIG";
+    /// `PairKey` (client side of the redirected connection) → `OrigDst`, written by sockops,
+    /// read by the proxy's `SO_ORIGINAL_DST` emulation.
+    pub const PAIR_ORIG: &str = "SLUICE_PAIR_ORIG";
+    /// Per-CPU `u64` counters indexed by [`super::Verdict`].
+    pub const VERDICTS: &str = "SLUICE_VERDICTS";
+    /// `PodUid` → `PodState`: userspace-only bookkeeping of enrolled pods, pinned with the rest
+    /// so a restarted agent can clean up what an earlier one enrolled.
+    pub const PODS: &str = "SLUICE_PODS";
+}
+
+/// Program names in the object, shared so the loader can find them.
+pub mod programs {
+    pub const STEER_INBOUND: &str = "steer_inbound";
+    pub const CONNECT4: &str = "redirect_connect4";
+    pub const CONNECT6: &str = "redirect_connect6";
+    pub const SOCKOPS: &str = "record_client_pair";
+    pub const GETPEERNAME4: &str = "restore_peer4";
+    pub const GETPEERNAME6: &str = "restore_peer6";
+    pub const GETSOCKOPT: &str = "original_dst";
+}
+
+/// Identifies one pod in every per-pod map: its network namespace cookie, unique per boot and
+/// never reused, so two pods can never share state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PodKey {
+    pub netns_cookie: u64,
+}
+
+/// An IPv4 or IPv6 address as the kernel presents it: `addr[0]` holds an IPv4 address, the rest is
+/// zero. IPv4-mapped IPv6 addresses are stored as IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AddrKey {
+    pub family: u32,
+    pub addr: [u32; 4],
+}
+
+/// Capture settings of one pod. A zero port is an unused slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodConfig {
+    pub exclude_inbound_ports: [u16; MAX_EXCLUDED_PORTS],
+    pub exclude_outbound_ports: [u16; MAX_EXCLUDED_PORTS],
+}
+
+/// Longest pod uid the pinned state can hold (Kubernetes uids are 36-byte UUIDs).
+pub const MAX_UID_LEN: usize = 63;
+
+/// A pod uid as a fixed-size, zero-padded map key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PodUidKey {
+    pub bytes: [u8; MAX_UID_LEN + 1],
+}
+
+/// What the loader remembers about an enrolled pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodState {
+    pub netns_cookie: u64,
+}
+
+/// Where a captured outbound connection was going. `port` is in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    pub family: u32,
+    pub port: u32,
+    pub addr: [u32; 4],
+}
+
+/// The client end of a redirected connection inside one pod: what the proxy sees as the peer of
+/// the socket it accepted on 15001. `port` is in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PairKey {
+    pub netns_cookie: u64,
+    pub family: u32,
+    pub port: u32,
+    pub addr: [u32; 4],
+}
+
+/// Verdict codes: indexes into the `VERDICTS` counters. The numbers are stable (exported as
+/// metrics and shown by `cargo xtask load --status`): only ever append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Verdict {
+    /// Inbound SYN assigned to the proxy's 15006 socket.
+    InboundSteered = 0,
+    /// Inbound to 15008 or an excluded port: left to the pod's own listener.
+    InboundPassPort = 1,
+    /// Inbound that arrived over loopback (the proxy's own dial to the app, in-pod traffic).
+    InboundPassLocal = 2,
+    /// Inbound to an address that belongs to no enrolled pod.
+    InboundPassNotPod = 3,
+    /// Inbound for an enrolled pod whose proxy socket is missing: refused (fail closed).
+    InboundDropNoProxy = 4,
+    /// `bpf_sk_assign` failed: refused (fail closed).
+    InboundDropAssign = 5,
+    /// Outbound `connect()` rewritten to the proxy's 15001 listener.
+    OutboundRedirected = 6,
+    /// Outbound to loopback: not captured.
+    OutboundPassLoopback = 7,
+    /// Outbound to one of the pod's own addresses: not captured.
+    OutboundPassOwnAddr = 8,
+    /// Outbound to an excluded port: not captured.
+    OutboundPassPort = 9,
+    /// The original destination could not be recorded; the connection still goes to the proxy,
+    /// which then refuses it (fail closed).
+    OutboundRecordFailed = 10,
+    /// `SO_ORIGINAL_DST` answered for the proxy.
+    OrigDstFound = 11,
+    /// `SO_ORIGINAL_DST` asked for a connection sluice did not redirect.
+    OrigDstMiss = 12,
+    /// `getpeername()` of a redirected socket answered with the original destination.
+    PeerRestored = 13,
+}
+
+impl Verdict {
+    pub const COUNT: u32 = 14;
+    pub const ALL: [Verdict; Self::COUNT as usize] = [
+        Verdict::InboundSteered,
+        Verdict::InboundPassPort,
+        Verdict::InboundPassLocal,
+        Verdict::InboundPassNotPod,
+        Verdict::InboundDropNoProxy,
+        Verdict::InboundDropAssign,
+        Verdict::OutboundRedirected,
+        Verdict::OutboundPassLoopback,
+        Verdict::OutboundPassOwnAddr,
+        Verdict::OutboundPassPort,
+        Verdict::OutboundRecordFailed,
+        Verdict::OrigDstFound,
+        Verdict::OrigDstMiss,
+        Verdict::PeerRestored,
+    ];
+
+    /// A stable snake_case name for metrics and status output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::InboundSteered => "inbound_steered",
+            Verdict::InboundPassPort => "inbound_pass_port",
+            Verdict::InboundPassLocal => "inbound_pass_local",
+            Verdict::InboundPassNotPod => "inbound_pass_not_pod",
+            Verdict::InboundDropNoProxy => "inbound_drop_no_proxy",
+            Verdict::InboundDropAssign => "inbound_drop_assign",
+            Verdict::OutboundRedirected => "outbound_redirected",
+            Verdict::OutboundPassLoopback => "outbound_pass_loopback",
+            Verdict::OutboundPassOwnAddr => "outbound_pass_own_addr",
+            Verdict::OutboundPassPort => "outbound_pass_port",
+            Verdict::OutboundRecordFailed => "outbound_record_failed",
+            Verdict::OrigDstFound => "orig_dst_found",
+            Verdict::OrigDstMiss => "orig_dst_miss",
+            Verdict::PeerRestored => "peer_restored",
+        }
+    }
+}
+
+impl PodConfig {
+    pub fn excludes_inbound(&self, port: u16) -> bool {
+        port != 0 && self.exclude_inbound_ports.contains(&port)
+    }
+
+    pub fn excludes_outbound(&self, port: u16) -> bool {
+        port != 0 && self.exclude_outbound_ports.contains(&port)
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{AddrKey, OrigDst, PairKey, PodConfig, PodKey, PodState, PodUidKey};
+
+    // SAFETY: each type is #[repr(C)], made only of integers and integer arrays, with no implicit
+    // padding (fields are ordered and sized so every offset is naturally aligned), so every bit
+    // pattern is valid and no uninitialised byte is ever exposed.
+    unsafe impl aya::Pod for PodKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AddrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PodConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PairKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PodUidKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PodState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<PodKey>(), 8);
+        assert_eq!(core::mem::size_of::<AddrKey>(), 20);
+        assert_eq!(core::mem::size_of::<PodConfig>(), 32);
+        assert_eq!(core::mem::size_of::<OrigDst>(), 24);
+        assert_eq!(core::mem::size_of::<PairKey>(), 32);
+    }
+
+    #[test]
+    fn verdict_codes_are_dense_and_stable() {
+        for (i, v) in Verdict::ALL.iter().enumerate() {
+            assert_eq!(*v as u32, i as u32, "{} is out of place", v.name());
+        }
+        assert_eq!(Verdict::PeerRestored as u32, 13);
+    }
+
+    #[test]
+    fn zero_is_never_an_excluded_port() {
+        let cfg = PodConfig::default();
+        assert!(!cfg.excludes_inbound(0));
+        let mut cfg = PodConfig::default();
+        cfg.exclude_outbound_ports[0] = 5432;
+        assert!(cfg.excludes_outbound(5432));
+        assert!(!cfg.excludes_inbound(5432));
+    }
+}

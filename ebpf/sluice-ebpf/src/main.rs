@@ -1,0 +1,33 @@
+//! sluice's eBPF programs. One object, loaded once per node by `sluice-capture`, attached per pod:
+//!
+//! - `steer_inbound` (sk_lookup, pod netns): inbound TCP to the pod's addresses → proxy's 15006.
+//! - `redirect_connect4/6` (cgroup connect, pod cgroup): outbound `connect()` → in-pod 15001.
+//! - `record_client_pair` (sockops, pod cgroup): re-keys the original destination by the client's
+//!   (netns, ip, port), which is what the proxy sees as the peer.
+//! - `restore_peer4/6` (cgroup getpeername, pod cgroup): the app sees its real peer.
+//! - `original_dst` (cgroup getsockopt, proxy cgroup): answers `SO_ORIGINAL_DST` like conntrack
+//!   would after an iptables REDIRECT, so the proxy code is the same for both backends.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+mod addr;
+mod inbound;
+mod maps;
+mod origdst;
+mod outbound;
+
+/// GPL-compatible so the verifier allows every helper; the programs are dual-licensed.
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier proves the programs cannot panic; this is never reached.
+    loop {}
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

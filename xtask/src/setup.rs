@@ -1,0 +1,182 @@
+//! Toolchain bootstrap: makes a fresh Debian machine able to build and test sluice.
+//!
+//! Every step first checks whether it is already satisfied, so running it again costs a few
+//! process spawns. Each action it takes is printed before it runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages the build and the tests need. llvm-22-dev: bpf-linker links against the LLVM
+/// whose major version matches nightly rustc's (22 for the 1.97 nightly on these machines).
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iperf3", "iptables", "iproute2"];
+const LLVM_MAJOR: &str = "22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPFFS: &str = "/sys/fs/bpf";
+
+pub fn ensure() -> Result<()> {
+    apt_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    bpffs()?;
+    Ok(())
+}
+
+pub fn workspace_root() -> Result<PathBuf> {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask's manifest dir has no parent")
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages: {}; install them as root: apt-get install -y {}",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    say(&format!("installing Debian packages: {}", missing.join(" ")));
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("apt-get install failed; is a Debian package mirror reachable?")
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"install ok installed"))
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let installed = capture(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed to build the eBPF programs (nightly + rust-src)")?;
+    if !installed.lines().any(|l| l.starts_with("nightly")) {
+        say("installing the nightly toolchain with rust-src (the eBPF crate needs -Z build-std)");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+    let components = capture(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        say("adding rust-src to the nightly toolchain (the eBPF crate needs -Z build-std=core)");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let version = capture(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))?;
+    let llvm = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .unwrap_or("unknown");
+    if llvm.split('.').next() != Some(LLVM_MAJOR) {
+        bail!(
+            "nightly rustc uses LLVM {llvm}, but bpf-linker is built against LLVM {LLVM_MAJOR}; \
+             the majors must match (bpf-linker fails with `Invalid record` otherwise). Install a \
+             nightly with LLVM {LLVM_MAJOR} or update LLVM_MAJOR and APT_PACKAGES in xtask/src/setup.rs"
+        );
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> Result<()> {
+    let works = Command::new("bpf-linker")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if works {
+        return Ok(());
+    }
+    say(&format!("installing bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about a minute)"));
+    let llvm_bin = format!("/usr/lib/llvm-{LLVM_MAJOR}/bin");
+    // bpf-linker's build script takes LLVM from the first llvm-config on PATH; Debian's default
+    // llvm-config is an older major, so LLVM 22's bin dir goes first.
+    let path = format!("{llvm_bin}:{}", std::env::var("PATH").unwrap_or_default());
+    run(Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", &format!("llvm-{LLVM_MAJOR}")])
+        .env("PATH", path))
+    .context("cargo install bpf-linker failed")?;
+    let found = Command::new("bpf-linker").arg("--version").output();
+    if !found.is_ok_and(|o| o.status.success()) {
+        bail!("bpf-linker was installed but is not on PATH; add ~/.cargo/bin to PATH");
+    }
+    Ok(())
+}
+
+fn bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("read /proc/mounts")?;
+    let mounted = mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf"));
+    if mounted {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("bpffs is not mounted at {BPFFS}; as root: mount -t bpf bpf {BPFFS}");
+    }
+    say(&format!("mounting bpffs at {BPFFS} (pinned capture state lives there)"));
+    std::fs::create_dir_all(BPFFS).with_context(|| format!("create {BPFFS}"))?;
+    run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
+}
+
+fn is_root() -> bool {
+    // /proc/self is owned by the effective uid.
+    std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+}
+
+fn say(what: &str) {
+    eprintln!("xtask setup: {what}");
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("run {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{:?} {:?} failed ({status})", cmd.get_program(), cmd.get_args().collect::<Vec<_>>());
+    }
+    Ok(())
+}
+
+fn capture(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("run {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed: {}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
