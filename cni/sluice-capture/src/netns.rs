@@ -16,6 +16,11 @@ use std::process::Command;
 /// `SO_NETNS_COOKIE` (Linux 5.14): the netns cookie as BPF's `bpf_get_netns_cookie` sees it.
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
+thread_local! {
+    /// The netns each thread started in, where `Netns::run` returns it.
+    static HOME: std::cell::OnceCell<File> = const { std::cell::OnceCell::new() };
+}
+
 /// An open handle on a network namespace.
 #[derive(Debug)]
 pub struct Netns {
@@ -56,21 +61,29 @@ impl Netns {
 
     /// Runs `f` with the calling thread inside this netns, then moves the thread back.
     ///
-    /// `f` must not block for long: on a tokio worker it holds the thread. If moving back fails
-    /// the process aborts, because a thread silently left in a pod's netns would create every
-    /// later socket there.
+    /// `f` must not block for long (on a tokio worker it holds the thread) and must not call
+    /// `run` itself. If moving back fails the process aborts, because a thread silently left in
+    /// a pod's netns would create every later socket there.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
-        let home = Self::current()?;
-        if home.inode()? == self.inode()? {
-            return Ok(f());
-        }
-        setns(self.file.as_fd())?;
-        let out = f();
-        if let Err(e) = setns(home.file.as_fd()) {
-            eprintln!("sluice: cannot return to the original network namespace: {e}; aborting");
-            std::process::abort();
-        }
-        Ok(out)
+        HOME.with(|home| {
+            // Opened on the thread's first call, while it is still in its own netns: the
+            // per-connection path then costs two setns(2) calls and nothing else.
+            let home = match home.get() {
+                Some(home) => home,
+                None => {
+                    let file = File::open("/proc/thread-self/ns/net")?;
+                    let _ = home.set(file);
+                    home.get().ok_or_else(|| io::Error::other("thread-local netns handle unset"))?
+                }
+            };
+            setns(self.file.as_fd())?;
+            let out = f();
+            if let Err(e) = setns(home.as_fd()) {
+                eprintln!("sluice: cannot return to the original network namespace: {e}; aborting");
+                std::process::abort();
+            }
+            Ok(out)
+        })
     }
 
     /// A command that starts inside this netns (the child joins it before `exec`).

@@ -127,7 +127,8 @@ pub enum Verdict {
     InboundSteered = 0,
     /// Inbound to 15008 or an excluded port: left to the pod's own listener.
     InboundPassPort = 1,
-    /// Inbound that arrived over loopback (the proxy's own dial to the app, in-pod traffic).
+    /// Inbound made inside the pod (source = destination address): the proxy's own dial to the
+    /// app, or the app connecting to itself.
     InboundPassLocal = 2,
     /// Inbound to an address that belongs to no enrolled pod.
     InboundPassNotPod = 3,

@@ -10,8 +10,6 @@ use crate::addr::{key4, key6};
 use crate::maps::{POD_ADDRS, POD_CONFIG, PROXY_INBOUND, count};
 
 const IPPROTO_TCP: u32 = 6;
-/// `lo` is ifindex 1 in every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
 const ENOENT: i32 = 2;
 
 #[sk_lookup]
@@ -30,12 +28,14 @@ fn steer(ctx: &SkLookupContext) -> Verdict {
     if lookup.protocol != IPPROTO_TCP {
         return Verdict::InboundPassNotPod;
     }
-    // Arrivals over loopback come from inside the pod: the proxy's own connection to the app or
-    // the app talking to itself. Capturing them would loop (ingress_ifindex needs Linux 5.17).
-    if lookup.ingress_ifindex == LOOPBACK_IFINDEX {
-        return Verdict::InboundPassLocal;
-    }
+    // A connection whose source is the destination address itself was made inside the pod:
+    // the proxy's own connection to the app, or the app talking to itself. Capturing it would
+    // loop. Nothing from outside can carry the pod's address as source: the kernel drops such
+    // packets as martians. (`ingress_ifindex` cannot tell: for a pod's own address the kernel
+    // reports the interface that owns it, not `lo`.)
     let key = match lookup.family {
+        AF_INET if lookup.remote_ip4 == lookup.local_ip4 => return Verdict::InboundPassLocal,
+        AF_INET6 if lookup.remote_ip6 == lookup.local_ip6 => return Verdict::InboundPassLocal,
         AF_INET => key4(lookup.local_ip4),
         AF_INET6 => key6(lookup.local_ip6),
         _ => return Verdict::InboundPassNotPod,

@@ -1,0 +1,276 @@
+//! The workloads in a lab: a small echo server and client run as separate processes inside a
+//! pod (its netns, and for clients its cgroup, which is what outbound capture keys on).
+//!
+//! Wire protocol: on accept the server writes `peer=<addr>\n` (what it saw as the client's
+//! address), then echoes every byte until EOF. The client reports, as one JSON line, the peer
+//! and local address its own socket shows and what the server saw.
+
+use std::ffi::CString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::WAIT;
+
+static BINARY: OnceLock<PathBuf> = OnceLock::new();
+
+/// Tells the lab which `sluice-lab` binary runs the apps (tests pass `CARGO_BIN_EXE_sluice-lab`;
+/// the lab binary itself defaults to its own path).
+pub fn set_binary(path: impl Into<PathBuf>) {
+    let _ = BINARY.set(path.into());
+}
+
+pub fn binary() -> Result<PathBuf> {
+    if let Some(path) = BINARY.get() {
+        return Ok(path.clone());
+    }
+    std::env::current_exe().context("find the sluice-lab binary")
+}
+
+/// A binary built next to the lab binary (same cargo profile), e.g. `sluice-proxy`.
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let lab = binary()?;
+    let dir = lab.parent().context("the lab binary has no parent dir")?;
+    // Integration tests run from target/<profile>/deps; binaries sit one level up.
+    for candidate in [dir.join(name), dir.join("..").join(name)] {
+        if candidate.exists() {
+            return Ok(candidate);
+        }
+    }
+    bail!("{name} not found next to {}; build it first (`cargo build --workspace --bins`, which `cargo xtask test` does)", lab.display())
+}
+
+/// Where a lab process runs.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub netns: PathBuf,
+    /// Join this cgroup before exec (clients in a captured pod).
+    pub cgroup: Option<PathBuf>,
+}
+
+/// A child process, killed and reaped on drop.
+pub struct ProcessGuard {
+    pub child: Child,
+    pub name: String,
+}
+
+impl ProcessGuard {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Builds a command that enters `place` (cgroup first: `ip netns exec`-style remounts would
+/// hide the cgroup fs, and a socket's cgroup is fixed when it is created) before exec.
+pub fn command_in(program: &Path, place: &Placement) -> Result<Command> {
+    let netns: OwnedFd = std::fs::File::open(&place.netns)
+        .with_context(|| format!("open netns {}", place.netns.display()))?
+        .into();
+    let procs = place
+        .cgroup
+        .as_ref()
+        .map(|c| CString::new(c.join("cgroup.procs").into_os_string().into_encoded_bytes()))
+        .transpose()?;
+    let mut cmd = Command::new(program);
+    // SAFETY: between fork and exec the closure calls only open/write/close/setns, which are
+    // async-signal-safe, on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" moves the writing process itself.
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                libc::close(fd);
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// Starts an echo server listening on `addrs` inside `place`; returns once it is listening.
+pub fn spawn_server(place: &Placement, addrs: &[SocketAddr]) -> Result<ProcessGuard> {
+    let mut cmd = command_in(&binary()?, place)?;
+    cmd.arg("app").arg("serve");
+    for addr in addrs {
+        cmd.arg("--listen").arg(addr.to_string());
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("spawn the echo server")?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let mut guard = ProcessGuard { child, name: format!("server {addrs:?}") };
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() != "listening" {
+        guard.kill();
+        bail!("echo server on {addrs:?} did not start (said {line:?})");
+    }
+    Ok(guard)
+}
+
+/// What a client saw. `ok == false` carries the error (refused, timed out, ...).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Outcome {
+    pub ok: bool,
+    pub error: Option<String>,
+    /// The client socket's `getpeername()`.
+    pub peer: Option<String>,
+    /// The client socket's `getsockname()`.
+    pub local: Option<String>,
+    /// The client address the server saw.
+    pub server_saw: Option<String>,
+    pub echoed: u64,
+}
+
+/// Runs one client connection to `to` inside `place` and reports what it saw.
+pub fn run_client(place: &Placement, to: SocketAddr, bytes: u64) -> Result<Outcome> {
+    let mut cmd = command_in(&binary()?, place)?;
+    cmd.args(["app", "connect", "--to", &to.to_string(), "--bytes", &bytes.to_string()]);
+    let out = cmd.stderr(Stdio::inherit()).output().context("run the client")?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.trim()).with_context(|| format!("client printed {line:?}"))
+}
+
+/// Server side, run by `sluice-lab app serve`.
+pub fn serve(addrs: &[SocketAddr]) -> Result<()> {
+    let listeners: Vec<TcpListener> = addrs
+        .iter()
+        .map(|a| TcpListener::bind(a).with_context(|| format!("bind {a}")))
+        .collect::<Result<_>>()?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    let mut threads = Vec::new();
+    for listener in listeners {
+        threads.push(std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let _ = echo(stream);
+                });
+            }
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn echo(mut stream: TcpStream) -> std::io::Result<()> {
+    let peer = stream.peer_addr()?;
+    stream.write_all(format!("peer={peer}\n").as_bytes())?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return stream.shutdown(Shutdown::Write);
+        }
+        stream.write_all(&buf[..n])?;
+    }
+}
+
+/// Client side, run by `sluice-lab app connect`: prints one JSON [`Outcome`].
+pub fn connect(to: SocketAddr, bytes: u64) -> Outcome {
+    match try_connect(to, bytes) {
+        Ok(outcome) => outcome,
+        Err(e) => Outcome { ok: false, error: Some(format!("{e:#}")), ..Default::default() },
+    }
+}
+
+fn pattern(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+fn try_connect(to: SocketAddr, bytes: u64) -> Result<Outcome> {
+    let stream = TcpStream::connect_timeout(&to, WAIT)?;
+    stream.set_read_timeout(Some(WAIT))?;
+    stream.set_write_timeout(Some(WAIT))?;
+    let peer = stream.peer_addr()?.to_string();
+    let local = stream.local_addr()?.to_string();
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).context("read the server's greeting")?;
+    let server_saw = greeting
+        .trim()
+        .strip_prefix("peer=")
+        .with_context(|| format!("unexpected greeting {greeting:?}"))?
+        .to_owned();
+    let mut writer = stream.try_clone()?;
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut sent = 0u64;
+        while sent < bytes {
+            let n = (bytes - sent).min(64 * 1024);
+            let data: Vec<u8> = (sent..sent + n).map(pattern).collect();
+            writer.write_all(&data)?;
+            sent += n;
+        }
+        writer.shutdown(Shutdown::Write)
+    });
+    let mut echoed = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = reader.read(&mut buf).context("read the echo")?;
+        if n == 0 {
+            break;
+        }
+        for (i, b) in buf[..n].iter().enumerate() {
+            if *b != pattern(echoed + i as u64) {
+                bail!("echo corrupted at byte {}", echoed + i as u64);
+            }
+        }
+        echoed += n as u64;
+    }
+    sender.join().map_err(|_| anyhow::anyhow!("sender thread panicked"))??;
+    if echoed != bytes {
+        bail!("sent {bytes} bytes, {echoed} came back");
+    }
+    Ok(Outcome { ok: true, error: None, peer: Some(peer), local: Some(local), server_saw: Some(server_saw), echoed })
+}
+
+/// Short-connection rate client, run by `sluice-lab app connrate`: connect, read the greeting,
+/// close, as often as possible for `seconds` (bounded by `max` connections too).
+pub fn connrate(to: SocketAddr, seconds: f64, max: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let (mut done, mut errors) = (0u64, 0u64);
+    let mut buf = [0u8; 128];
+    while Instant::now() < deadline && done + errors < max {
+        let result = (|| -> std::io::Result<()> {
+            let mut s = TcpStream::connect_timeout(&to, WAIT)?;
+            s.set_read_timeout(Some(WAIT))?;
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => done += 1,
+            Err(_) => errors += 1,
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    serde_json::json!({ "connections": done, "errors": errors, "seconds": elapsed, "per_second": done as f64 / elapsed })
+}

@@ -1,0 +1,222 @@
+//! `cargo xtask bench capture`: what capture costs, measured side by side in one run.
+//!
+//! A client in a pod talks to a server on the peer host: iperf3 single-stream throughput and a
+//! short-connection rate test, in each mode: `direct` (no capture, no proxy), `iptables`,
+//! `ebpf` (both through the proxy in passthrough, splice copy) and `ebpf-buffered` (the same
+//! with the proxy copying through userspace buffers, to measure splice). Modes are interleaved
+//! and rotated per round so drift on this noisy machine hits all of them alike.
+
+use std::io::Write;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use sluice_capture::Backend;
+
+use crate::app::{self, Placement};
+use crate::lab::{Lab, PEER_IP};
+use crate::proxy::ProxyProcess;
+
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum Which {
+    /// Capture cost: direct vs iptables vs eBPF (client pod → peer server).
+    Capture {
+        /// Rounds; each round measures every mode once.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// Seconds per connection-rate run.
+        #[arg(long, default_value_t = 3.0)]
+        rate_seconds: f64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Direct,
+    Iptables,
+    Ebpf,
+    EbpfBuffered,
+}
+
+impl Mode {
+    const ALL: [Mode; 4] = [Mode::Direct, Mode::Iptables, Mode::Ebpf, Mode::EbpfBuffered];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Iptables => "iptables",
+            Mode::Ebpf => "ebpf",
+            Mode::EbpfBuffered => "ebpf-buffered",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct MetricResult {
+    mode: &'static str,
+    metric: &'static str,
+    median: f64,
+    runs: Vec<f64>,
+}
+
+pub fn run(which: Which) -> Result<()> {
+    let Which::Capture { runs, seconds, rate_seconds } = which;
+    if runs == 0 || runs > 20 || seconds == 0 || seconds > 60 || !(0.5..=60.0).contains(&rate_seconds) {
+        bail!("--runs must be 1..=20, --seconds 1..=60, --rate-seconds 0.5..=60");
+    }
+    require_tool("iperf3")?;
+    let mut gbps: Vec<Vec<f64>> = vec![Vec::new(); Mode::ALL.len()];
+    let mut rate: Vec<Vec<f64>> = vec![Vec::new(); Mode::ALL.len()];
+    for round in 0..runs {
+        for k in 0..Mode::ALL.len() {
+            let i = (round + k) % Mode::ALL.len();
+            let mode = Mode::ALL[i];
+            let (g, r) = measure(mode, seconds, rate_seconds).with_context(|| format!("mode {}", mode.name()))?;
+            eprintln!("round {}/{runs} {:<14} {g:>7.2} Gbit/s {r:>9.0} conn/s", round + 1, mode.name());
+            gbps[i].push(g);
+            rate[i].push(r);
+        }
+    }
+    let mut results = Vec::new();
+    for (i, mode) in Mode::ALL.iter().enumerate() {
+        results.push(MetricResult { mode: mode.name(), metric: "throughput_gbps", median: median(&gbps[i]), runs: gbps[i].clone() });
+        results.push(MetricResult { mode: mode.name(), metric: "connections_per_s", median: median(&rate[i]), runs: rate[i].clone() });
+    }
+    print_table(&results);
+    let path = output_path()?;
+    std::fs::create_dir_all(path.parent().context("output dir")?)?;
+    let json = serde_json::json!({
+        "benchmark": "capture",
+        "command": format!("cargo xtask bench capture --runs {runs} --seconds {seconds} --rate-seconds {rate_seconds}"),
+        "results": results,
+    });
+    std::fs::File::create(&path)?.write_all(serde_json::to_string_pretty(&json)?.as_bytes())?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// One throughput run and one connection-rate run in a fresh lab.
+fn measure(mode: Mode, seconds: u32, rate_seconds: f64) -> Result<(f64, f64)> {
+    let backend = if mode == Mode::Iptables { Backend::Iptables } else { Backend::Ebpf };
+    let mut lab = Lab::new(backend)?;
+    let _proxy = match mode {
+        Mode::Direct => None,
+        Mode::Ebpf | Mode::Iptables => {
+            lab.capture()?;
+            Some(ProxyProcess::start(&lab, &[])?)
+        }
+        Mode::EbpfBuffered => {
+            lab.capture()?;
+            Some(ProxyProcess::start(&lab, &["--copy", "buffered"])?)
+        }
+    };
+    let gbps = iperf3(&lab, seconds)?;
+    let server = SocketAddr::V4(SocketAddrV4::new(PEER_IP, 7070));
+    let _echo = app::spawn_server(&lab.in_peer(), &[server])?;
+    let per_second = connrate(&lab.in_pod_cgroup(), server, rate_seconds)?;
+    Ok((gbps, per_second))
+}
+
+fn iperf3(lab: &Lab, seconds: u32) -> Result<f64> {
+    let port = "5201";
+    let mut server = app::command_in(&which("iperf3")?, &lab.in_peer())?;
+    server.args(["-s", "-1", "-B", &PEER_IP.to_string(), "-p", port]).stdout(Stdio::null()).stderr(Stdio::null());
+    let _server = app::ProcessGuard { child: server.spawn().context("start iperf3 -s")?, name: "iperf3 -s".into() };
+    // The server needs a moment to bind; retry the client a bounded number of times.
+    let mut last = String::new();
+    for _ in 0..20 {
+        let mut client = app::command_in(&which("iperf3")?, &lab.in_pod_cgroup())?;
+        client.args(["-c", &PEER_IP.to_string(), "-p", port, "-t", &seconds.to_string(), "-J"]);
+        let out = client.output().context("run iperf3 -c")?;
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(bps) = report["end"]["sum_received"]["bits_per_second"].as_f64() {
+            return Ok(bps / 1e9);
+        }
+        last = report["error"].as_str().unwrap_or("no report").to_owned();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    bail!("iperf3 failed: {last}")
+}
+
+fn connrate(place: &Placement, to: SocketAddr, seconds: f64) -> Result<f64> {
+    let mut cmd = app::command_in(&app::binary()?, place)?;
+    cmd.args(["app", "connrate", "--to", &to.to_string(), "--seconds", &seconds.to_string()]);
+    let out = cmd.output().context("run the connection-rate client")?;
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).context("connrate output")?;
+    let errors = summary["errors"].as_u64().unwrap_or(u64::MAX);
+    if errors > 0 {
+        bail!("connection-rate run had {errors} failed connections: {summary}");
+    }
+    summary["per_second"].as_f64().context("per_second missing")
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn print_table(results: &[MetricResult]) {
+    let get = |mode: &str, metric: &str| results.iter().find(|r| r.mode == mode && r.metric == metric).map_or(0.0, |r| r.median);
+    println!("\n{:<14} {:>16} {:>16}", "mode", "Gbit/s (median)", "conn/s (median)");
+    for mode in Mode::ALL {
+        println!("{:<14} {:>16.2} {:>16.0}", mode.name(), get(mode.name(), "throughput_gbps"), get(mode.name(), "connections_per_s"));
+    }
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    println!(
+        "\nebpf / iptables: throughput {:.2}x, connections {:.2}x",
+        ratio(get("ebpf", "throughput_gbps"), get("iptables", "throughput_gbps")),
+        ratio(get("ebpf", "connections_per_s"), get("iptables", "connections_per_s"))
+    );
+    println!(
+        "ebpf / direct:   throughput {:.2}x, connections {:.2}x",
+        ratio(get("ebpf", "throughput_gbps"), get("direct", "throughput_gbps")),
+        ratio(get("ebpf", "connections_per_s"), get("direct", "connections_per_s"))
+    );
+    println!(
+        "splice / buffered copy (ebpf): throughput {:.2}x",
+        ratio(get("ebpf", "throughput_gbps"), get("ebpf-buffered", "throughput_gbps"))
+    );
+}
+
+/// `target/bench/capture.json`, next to the binaries' profile dir.
+fn output_path() -> Result<PathBuf> {
+    let bin = app::binary()?;
+    let target = bin.parent().and_then(|p| p.parent()).context("binary is not under a target dir")?;
+    Ok(target.join("bench").join("capture.json"))
+}
+
+fn which(tool: &str) -> Result<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(tool))
+        .find(|p| p.exists())
+        .with_context(|| format!("{tool} not found; `cargo xtask setup` installs it"))
+}
+
+fn require_tool(tool: &str) -> Result<()> {
+    which(tool).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
+}
+

@@ -1,0 +1,69 @@
+//! `sluice-lab`: runs the demo and the benchmarks on a lab, and is the workload binary inside
+//! the lab's pods (`app serve|connect|connrate`).
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "sluice-lab", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// A pod captured with eBPF, traffic both ways through the proxy, then fail-closed and release.
+    Demo,
+    /// Benchmarks (`bench capture`).
+    Bench {
+        #[command(subcommand)]
+        which: sluice_lab::bench::Which,
+    },
+    /// Workloads run inside lab pods.
+    #[command(subcommand, hide = true)]
+    App(App),
+}
+
+#[derive(Subcommand)]
+enum App {
+    /// Echo server: greets each client with the address it saw, then echoes.
+    Serve {
+        #[arg(long = "listen", required = true)]
+        listen: Vec<SocketAddr>,
+    },
+    /// One client connection; prints a JSON outcome.
+    Connect {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1024)]
+        bytes: u64,
+    },
+    /// Short connections in a loop for a while; prints a JSON summary.
+    Connrate {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1_000_000)]
+        max: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Demo => sluice_lab::demo::run(),
+        Cmd::Bench { which } => sluice_lab::bench::run(which),
+        Cmd::App(App::Serve { listen }) => sluice_lab::app::serve(&listen),
+        Cmd::App(App::Connect { to, bytes }) => {
+            println!("{}", serde_json::to_string(&sluice_lab::app::connect(to, bytes))?);
+            Ok(())
+        }
+        Cmd::App(App::Connrate { to, seconds, max }) => {
+            println!("{}", sluice_lab::app::connrate(to, seconds, max));
+            Ok(())
+        }
+    }
+}

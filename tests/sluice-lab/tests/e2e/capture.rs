@@ -1,0 +1,209 @@
+//! Capture scenarios, written once and run against both backends.
+//!
+//! The evidence that a connection went through the proxy: the server sees the connection come
+//! from the pod's own address (the proxy dials from inside the pod) instead of the client's, and
+//! the proxy logs it; a direct connection shows the client's real address on both ends.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use anyhow::{Context, Result, ensure};
+use sluice_capture::Backend;
+use sluice_capture::ebpf;
+use sluice_lab::app::{self, Outcome};
+use sluice_lab::lab::{Lab, PEER_IP, POD_IP};
+use sluice_lab::proxy::ProxyProcess;
+
+const MIB: u64 = 1024 * 1024;
+
+fn addr(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(ip, port))
+}
+
+/// A lab with the pod captured and the proxy serving it.
+fn captured(backend: Backend) -> Result<(Lab, ProxyProcess)> {
+    let mut lab = Lab::new(backend)?;
+    lab.capture()?;
+    let proxy = ProxyProcess::start(&lab, &[])?;
+    Ok((lab, proxy))
+}
+
+fn succeeded(outcome: &Outcome) -> Result<()> {
+    ensure!(outcome.ok, "connection failed: {:?}", outcome.error);
+    Ok(())
+}
+
+fn ip_of(addr: Option<&str>) -> String {
+    addr.and_then(|s| s.parse::<SocketAddr>().ok()).map(|a| a.ip().to_string()).unwrap_or_default()
+}
+
+/// Inbound: a client outside the mesh reaches the pod's app on arbitrary ports, via the proxy.
+pub fn inbound_to_any_port_reaches_the_app_through_the_proxy(backend: Backend) -> Result<()> {
+    let (lab, proxy) = captured(backend)?;
+    let _server = app::spawn_server(&lab.in_pod(), &[addr(Ipv4Addr::UNSPECIFIED, 8080), addr(Ipv4Addr::UNSPECIFIED, 31337)])?;
+    for port in [8080, 31337] {
+        let outcome = app::run_client(&lab.in_peer(), addr(POD_IP, port), MIB)?;
+        succeeded(&outcome)?;
+        ensure!(outcome.echoed == MIB, "1 MiB should come back intact: {outcome:?}");
+        ensure!(
+            ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(),
+            "port {port}: the app should see the proxy's in-pod connection from {POD_IP}, saw {:?} (not captured?)",
+            outcome.server_saw
+        );
+        proxy.wait_for_log(&["direction=\"inbound\"", &format!("dst={POD_IP}:{port}"), "connection closed"])?;
+    }
+    Ok(())
+}
+
+/// Outbound: the pod's app reaches a server outside via the proxy and still sees the real peer.
+pub fn outbound_reaches_the_server_through_the_proxy_and_the_app_sees_the_real_peer(backend: Backend) -> Result<()> {
+    let (lab, proxy) = captured(backend)?;
+    let _server = app::spawn_server(&lab.in_peer(), &[addr(PEER_IP, 9090)])?;
+    let outcome = app::run_client(&lab.in_pod_cgroup(), addr(PEER_IP, 9090), MIB)?;
+    succeeded(&outcome)?;
+    ensure!(outcome.echoed == MIB, "1 MiB should come back intact: {outcome:?}");
+    ensure!(outcome.peer.as_deref() == Some("10.99.0.1:9090"), "getpeername() must be the real server, got {:?}", outcome.peer);
+    // eBPF rewrites the destination before the source address is chosen, so the app's socket
+    // is on loopback; an iptables REDIRECT in OUTPUT keeps the source picked for the pod's route.
+    if backend == Backend::Ebpf {
+        ensure!(
+            ip_of(outcome.local.as_deref()) == "127.0.0.1",
+            "the app's socket should be connected to the proxy over loopback, local was {:?}",
+            outcome.local
+        );
+    }
+    ensure!(ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(), "the server should see the pod's address: {outcome:?}");
+    proxy.wait_for_log(&["direction=\"outbound\"", "dst=10.99.0.1:9090", "connection closed"])?;
+    Ok(())
+}
+
+/// HBONE's port 15008 and loopback traffic inside the pod bypass the proxy.
+pub fn hbone_port_and_loopback_are_not_captured(backend: Backend) -> Result<()> {
+    let (lab, _proxy) = captured(backend)?;
+    let _hbone = app::spawn_server(&lab.in_pod(), &[addr(POD_IP, 15008)])?;
+    let outcome = app::run_client(&lab.in_peer(), addr(POD_IP, 15008), 4096)?;
+    succeeded(&outcome)?;
+    ensure!(ip_of(outcome.server_saw.as_deref()) == PEER_IP.to_string(), "15008 must reach the pod directly: {outcome:?}");
+
+    let _local = app::spawn_server(&lab.in_pod(), &[addr(Ipv4Addr::LOCALHOST, 8082)])?;
+    let outcome = app::run_client(&lab.in_pod_cgroup(), addr(Ipv4Addr::LOCALHOST, 8082), 4096)?;
+    succeeded(&outcome)?;
+    ensure!(
+        outcome.server_saw == outcome.local,
+        "loopback must connect directly (server saw {:?}, client was {:?})",
+        outcome.server_saw,
+        outcome.local
+    );
+    Ok(())
+}
+
+/// Configured exclusions are delivered directly in each direction.
+pub fn excluded_ports_are_not_captured(backend: Backend) -> Result<()> {
+    let mut lab = Lab::new(backend)?;
+    lab.pod.exclude_inbound_ports = vec![2222];
+    lab.pod.exclude_outbound_ports = vec![5432];
+    lab.capture()?;
+    let _proxy = ProxyProcess::start(&lab, &[])?;
+    let _pod_server = app::spawn_server(&lab.in_pod(), &[addr(Ipv4Addr::UNSPECIFIED, 2222), addr(Ipv4Addr::UNSPECIFIED, 2223)])?;
+    let _peer_server = app::spawn_server(&lab.in_peer(), &[addr(PEER_IP, 5432)])?;
+
+    let excluded = app::run_client(&lab.in_peer(), addr(POD_IP, 2222), 1024)?;
+    succeeded(&excluded)?;
+    ensure!(ip_of(excluded.server_saw.as_deref()) == PEER_IP.to_string(), "inbound 2222 is excluded: {excluded:?}");
+    let captured = app::run_client(&lab.in_peer(), addr(POD_IP, 2223), 1024)?;
+    succeeded(&captured)?;
+    ensure!(ip_of(captured.server_saw.as_deref()) == POD_IP.to_string(), "inbound 2223 is captured: {captured:?}");
+
+    let outbound = app::run_client(&lab.in_pod_cgroup(), addr(PEER_IP, 5432), 1024)?;
+    succeeded(&outbound)?;
+    ensure!(ip_of(outbound.local.as_deref()) == POD_IP.to_string(), "outbound 5432 is excluded: {outbound:?}");
+    Ok(())
+}
+
+/// Fail closed: with the proxy gone nothing reaches the app or leaves the pod; a new proxy
+/// serves the pod again without re-enrolling it.
+pub fn proxy_stopped_refuses_traffic_and_restarted_proxy_serves_it_again(backend: Backend) -> Result<()> {
+    let (lab, mut proxy) = captured(backend)?;
+    let _pod_server = app::spawn_server(&lab.in_pod(), &[addr(Ipv4Addr::UNSPECIFIED, 8080)])?;
+    let _peer_server = app::spawn_server(&lab.in_peer(), &[addr(PEER_IP, 9090)])?;
+    succeeded(&app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 1024)?)?;
+
+    proxy.kill();
+    let inbound = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 1024)?;
+    ensure!(!inbound.ok, "inbound must be refused with the proxy down, but it connected: {inbound:?}");
+    let outbound = app::run_client(&lab.in_pod_cgroup(), addr(PEER_IP, 9090), 1024)?;
+    ensure!(!outbound.ok, "outbound must be refused with the proxy down, but it connected: {outbound:?}");
+
+    let _proxy = ProxyProcess::start(&lab, &[])?;
+    let inbound = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 1024)?;
+    succeeded(&inbound)?;
+    ensure!(ip_of(inbound.server_saw.as_deref()) == POD_IP.to_string(), "captured again: {inbound:?}");
+    succeeded(&app::run_client(&lab.in_pod_cgroup(), addr(PEER_IP, 9090), 1024)?)?;
+    Ok(())
+}
+
+/// The loader (the agent) can restart: capture stays in place, a new instance knows the pod.
+pub fn loader_restart_keeps_capture_and_adopts_the_pod(backend: Backend) -> Result<()> {
+    let (mut lab, _proxy) = captured(backend)?;
+    let _pod_server = app::spawn_server(&lab.in_pod(), &[addr(Ipv4Addr::UNSPECIFIED, 8080)])?;
+    // Drop every fd the loader held: only the pins keep capture alive now.
+    drop(lab.capture.take());
+    let outcome = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 4096)?;
+    succeeded(&outcome)?;
+    ensure!(ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(), "still captured after the loader exited: {outcome:?}");
+
+    let mut reloaded = lab.load_backend()?;
+    if backend == Backend::Ebpf {
+        let pods = ebpf::list_pods(&lab.pin_root())?;
+        ensure!(pods.iter().any(|p| p.uid == lab.pod.uid.as_str() && p.links.len() == 6), "the reloaded loader should see the pod's 6 links: {pods:?}");
+    }
+    reloaded.remove(&lab.pod)?;
+    let outcome = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 4096)?;
+    succeeded(&outcome)?;
+    ensure!(ip_of(outcome.server_saw.as_deref()) == PEER_IP.to_string(), "released by the new loader: {outcome:?}");
+    Ok(())
+}
+
+/// Enrolment and removal are idempotent.
+pub fn enrol_twice_and_remove_unknown_succeed(backend: Backend) -> Result<()> {
+    let (mut lab, _proxy) = captured(backend)?;
+    let _pod_server = app::spawn_server(&lab.in_pod(), &[addr(Ipv4Addr::UNSPECIFIED, 8080)])?;
+    let mut capture = lab.capture.take().context("captured lab has a loader")?;
+    capture.enroll(&lab.pod).context("second enrol")?;
+    let outcome = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 4096)?;
+    succeeded(&outcome)?;
+    ensure!(ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(), "captured once, not broken by enrolling twice: {outcome:?}");
+
+    let mut unknown = lab.pod.clone();
+    unknown.uid = sluice_capture::PodUid::parse("never-enrolled")?;
+    unknown.netns = "/var/run/netns/sluice-does-not-exist".into();
+    capture.remove(&unknown).context("removing an unknown pod succeeds")?;
+    capture.remove(&lab.pod)?;
+    capture.remove(&lab.pod).context("removing twice succeeds")?;
+    Ok(())
+}
+
+/// Release: traffic flows directly again and nothing of sluice is left in the pod or on bpffs.
+pub fn release_restores_direct_traffic_and_leaves_nothing_behind(backend: Backend) -> Result<()> {
+    let (mut lab, _proxy) = captured(backend)?;
+    let _pod_server = app::spawn_server(&lab.in_pod(), &[addr(Ipv4Addr::UNSPECIFIED, 8080)])?;
+    let _peer_server = app::spawn_server(&lab.in_peer(), &[addr(PEER_IP, 9090)])?;
+    lab.release()?;
+
+    let inbound = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 4096)?;
+    succeeded(&inbound)?;
+    ensure!(ip_of(inbound.server_saw.as_deref()) == PEER_IP.to_string(), "inbound is direct after release: {inbound:?}");
+    let outbound = app::run_client(&lab.in_pod_cgroup(), addr(PEER_IP, 9090), 4096)?;
+    succeeded(&outbound)?;
+    ensure!(ip_of(outbound.local.as_deref()) == POD_IP.to_string(), "outbound is direct after release: {outbound:?}");
+
+    let rules = lab.pod_ns.output(&["iptables-save"])? + &lab.pod_ns.output(&["ip6tables-save"])?;
+    ensure!(!rules.contains("ISTIO_"), "iptables rules left in the pod:\n{rules}");
+    let ip_rules = lab.pod_ns.output(&["ip", "rule"])?;
+    ensure!(!ip_rules.contains("0x111"), "policy routing rule left in the pod:\n{ip_rules}");
+    if backend == Backend::Ebpf {
+        ensure!(ebpf::list_pods(&lab.pin_root())?.is_empty(), "the pod is still recorded in the pins");
+        let pod_dir = lab.pin_root().join("pods").join(lab.pod.uid.as_str());
+        ensure!(!pod_dir.exists(), "link pins left at {}", pod_dir.display());
+    }
+    Ok(())
+}

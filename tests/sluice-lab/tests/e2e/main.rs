@@ -1,0 +1,40 @@
+//! End-to-end tests: real network namespaces, real capture (eBPF and iptables), the real proxy
+//! binary, real processes as workloads. Needs root; run with `cargo xtask test`.
+//!
+//! Every scenario runs once per capture backend: the `ebpf` and `iptables` modules below are
+//! generated from the same list, so the two backends are held to the same behaviour.
+
+mod capture;
+mod cleanup;
+
+use sluice_capture::Backend;
+
+/// Fails loudly (never skips) when the tests cannot do their job.
+fn require_root() {
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "the end-to-end tests need root (netns, cgroups, BPF); run `sudo cargo xtask test`");
+    sluice_lab::app::set_binary(env!("CARGO_BIN_EXE_sluice-lab"));
+}
+
+macro_rules! for_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod ebpf {
+            $(#[test] fn $scenario() { crate::require_root(); crate::capture::$scenario(super::Backend::Ebpf).unwrap(); })*
+        }
+        mod iptables {
+            $(#[test] fn $scenario() { crate::require_root(); crate::capture::$scenario(super::Backend::Iptables).unwrap(); })*
+        }
+    };
+}
+
+for_both_backends!(
+    inbound_to_any_port_reaches_the_app_through_the_proxy,
+    outbound_reaches_the_server_through_the_proxy_and_the_app_sees_the_real_peer,
+    hbone_port_and_loopback_are_not_captured,
+    excluded_ports_are_not_captured,
+    proxy_stopped_refuses_traffic_and_restarted_proxy_serves_it_again,
+    loader_restart_keeps_capture_and_adopts_the_pod,
+    enrol_twice_and_remove_unknown_succeed,
+    release_restores_direct_traffic_and_leaves_nothing_behind,
+);

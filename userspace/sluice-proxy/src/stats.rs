@@ -1,0 +1,37 @@
+//! Connection counters. Traffic-driven failures are counted here by stable reason, never panic.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub accepted: AtomicU64,
+    pub completed: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    /// No original destination: capture state was missing (fail closed).
+    pub no_original_dst: AtomicU64,
+    /// The original destination was one of the proxy's own ports (would loop).
+    pub loop_refused: AtomicU64,
+    pub upstream_connect_failed: AtomicU64,
+    pub copy_failed: AtomicU64,
+}
+
+impl Stats {
+    pub fn incr(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> [(&'static str, u64); 8] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("accepted", get(&self.accepted)),
+            ("completed", get(&self.completed)),
+            ("bytes_out", get(&self.bytes_out)),
+            ("bytes_in", get(&self.bytes_in)),
+            ("no_original_dst", get(&self.no_original_dst)),
+            ("loop_refused", get(&self.loop_refused)),
+            ("upstream_connect_failed", get(&self.upstream_connect_failed)),
+            ("copy_failed", get(&self.copy_failed)),
+        ]
+    }
+}
