@@ -47,7 +47,10 @@ fn apt_packages() -> Result<()> {
             missing.join(" ")
         );
     }
-    say(&format!("installing Debian packages: {}", missing.join(" ")));
+    say(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
     run(Command::new("apt-get").args(["update", "-q"]))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
@@ -88,7 +91,13 @@ fn nightly_rust_src() -> Result<()> {
     ]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         say("adding rust-src to the nightly toolchain (the eBPF crate needs -Z build-std=core)");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     let version = capture(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))?;
     let llvm = version
@@ -115,14 +124,20 @@ fn bpf_linker() -> Result<()> {
     if works {
         return Ok(());
     }
-    say(&format!("installing bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about a minute)"));
+    say(&format!(
+        "installing bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about a minute)"
+    ));
     let llvm_bin = format!("/usr/lib/llvm-{LLVM_MAJOR}/bin");
     // bpf-linker's build script takes LLVM from the first llvm-config on PATH; Debian's default
     // llvm-config is an older major, so LLVM 22's bin dir goes first.
     let path = format!("{llvm_bin}:{}", std::env::var("PATH").unwrap_or_default());
     run(Command::new("cargo")
         .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
-        .args(["--no-default-features", "--features", &format!("llvm-{LLVM_MAJOR}")])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{LLVM_MAJOR}"),
+        ])
         .env("PATH", path))
     .context("cargo install bpf-linker failed")?;
     let found = Command::new("bpf-linker").arg("--version").output();
@@ -134,16 +149,18 @@ fn bpf_linker() -> Result<()> {
 
 fn bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("read /proc/mounts")?;
-    let mounted = mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf"));
+    let mounted = mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf")
+    });
     if mounted {
         return Ok(());
     }
     if !is_root() {
         bail!("bpffs is not mounted at {BPFFS}; as root: mount -t bpf bpf {BPFFS}");
     }
-    say(&format!("mounting bpffs at {BPFFS} (pinned capture state lives there)"));
+    say(&format!(
+        "mounting bpffs at {BPFFS} (pinned capture state lives there)"
+    ));
     std::fs::create_dir_all(BPFFS).with_context(|| format!("create {BPFFS}"))?;
     run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
 }
@@ -162,7 +179,11 @@ fn run(cmd: &mut Command) -> Result<()> {
         .status()
         .with_context(|| format!("run {:?}", cmd.get_program()))?;
     if !status.success() {
-        bail!("{:?} {:?} failed ({status})", cmd.get_program(), cmd.get_args().collect::<Vec<_>>());
+        bail!(
+            "{:?} {:?} failed ({status})",
+            cmd.get_program(),
+            cmd.get_args().collect::<Vec<_>>()
+        );
     }
     Ok(())
 }

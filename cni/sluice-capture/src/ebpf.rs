@@ -40,11 +40,27 @@ enum Target {
 /// helpers that restore the peer and record the pair are in place before any redirect).
 const POD_PROGRAMS: [(&str, AttachType, Target); 6] = [
     (programs::STEER_INBOUND, AttachType::SkLookup, Target::Netns),
-    (programs::GETPEERNAME4, AttachType::Inet4GetPeerName, Target::PodCgroup),
-    (programs::GETPEERNAME6, AttachType::Inet6GetPeerName, Target::PodCgroup),
+    (
+        programs::GETPEERNAME4,
+        AttachType::Inet4GetPeerName,
+        Target::PodCgroup,
+    ),
+    (
+        programs::GETPEERNAME6,
+        AttachType::Inet6GetPeerName,
+        Target::PodCgroup,
+    ),
     (programs::SOCKOPS, AttachType::SockOps, Target::PodCgroup),
-    (programs::CONNECT4, AttachType::Inet4Connect, Target::PodCgroup),
-    (programs::CONNECT6, AttachType::Inet6Connect, Target::PodCgroup),
+    (
+        programs::CONNECT4,
+        AttachType::Inet4Connect,
+        Target::PodCgroup,
+    ),
+    (
+        programs::CONNECT6,
+        AttachType::Inet6Connect,
+        Target::PodCgroup,
+    ),
 ];
 
 /// The loaded object plus the pin directory it manages.
@@ -71,7 +87,8 @@ impl EbpfCapture {
         ensure_bpffs(&root)?;
         for dir in ["maps", "pods", "proxy"] {
             let dir = root.join(dir);
-            std::fs::create_dir_all(&dir).map_err(|source| CaptureError::Pin { path: dir, source })?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| CaptureError::Pin { path: dir, source })?;
         }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(root.join("maps"))
@@ -96,7 +113,8 @@ impl EbpfCapture {
         let pin = self.root.join("proxy").join(programs::GETSOCKOPT);
         // Attach the new link before dropping an old one, so there is no moment without it.
         unpin_link(&pin)?;
-        sys::obj_pin(link.as_fd(), &pin).map_err(|source| CaptureError::Pin { path: pin, source })?;
+        sys::obj_pin(link.as_fd(), &pin)
+            .map_err(|source| CaptureError::Pin { path: pin, source })?;
         info!(cgroup = %cgroup.display(), "original-destination emulation attached to the proxy cgroup");
         Ok(())
     }
@@ -112,16 +130,31 @@ impl EbpfCapture {
     }
 
     fn enroll_pod(&mut self, pod: &PodCapture) -> Result<(), CaptureError> {
-        let netns = Netns::open(&pod.netns).map_err(|source| CaptureError::Netns { path: pod.netns.clone(), source })?;
-        let in_netns = |what, source| CaptureError::InNetns { what, netns: pod.netns.clone(), source };
-        let cookie = netns.cookie().map_err(|e| in_netns("read the netns cookie", e))?;
+        let netns = Netns::open(&pod.netns).map_err(|source| CaptureError::Netns {
+            path: pod.netns.clone(),
+            source,
+        })?;
+        let in_netns = |what, source| CaptureError::InNetns {
+            what,
+            netns: pod.netns.clone(),
+            source,
+        };
+        let cookie = netns
+            .cookie()
+            .map_err(|e| in_netns("read the netns cookie", e))?;
         let addrs = if pod.addrs.is_empty() {
-            netns.addresses().map_err(|e| in_netns("list addresses", e))?
+            netns
+                .addresses()
+                .map_err(|e| in_netns("list addresses", e))?
         } else {
             pod.addrs.clone()
         };
         let config = pod.config()?;
-        let cgroup = pod.cgroup.as_deref().map(|p| open_cgroup(p).map(|f| (f, p))).transpose()?;
+        let cgroup = pod
+            .cgroup
+            .as_deref()
+            .map(|p| open_cgroup(p).map(|f| (f, p)))
+            .transpose()?;
 
         if let Some(prev) = self.state(&pod.uid)?
             && prev.netns_cookie != cookie
@@ -129,15 +162,28 @@ impl EbpfCapture {
             // Same uid, new sandbox (the runtime recreated the pod's netns): start over.
             self.remove_uid(&pod.uid)?;
         }
-        let key = PodKey { netns_cookie: cookie };
+        let key = PodKey {
+            netns_cookie: cookie,
+        };
         self.hash::<PodUidKey, PodState>(maps::PODS)?
-            .insert(pod.uid.key(), PodState { netns_cookie: cookie }, 0)
+            .insert(
+                pod.uid.key(),
+                PodState {
+                    netns_cookie: cookie,
+                },
+                0,
+            )
             .map_err(map_err(maps::PODS))?;
-        self.hash(maps::POD_CONFIG)?.insert(key, config, 0).map_err(map_err(maps::POD_CONFIG))?;
+        self.hash(maps::POD_CONFIG)?
+            .insert(key, config, 0)
+            .map_err(map_err(maps::POD_CONFIG))?;
         self.set_addrs(key, &addrs)?;
 
         let dir = self.pod_dir(&pod.uid);
-        std::fs::create_dir_all(&dir).map_err(|source| CaptureError::Pin { path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| CaptureError::Pin {
+            path: dir.clone(),
+            source,
+        })?;
         for (name, attach, target) in POD_PROGRAMS {
             let pin = dir.join(name);
             if pin.exists() {
@@ -148,7 +194,8 @@ impl EbpfCapture {
                 (Target::PodCgroup, Some((file, path))) => self.link(name, attach, file, path)?,
                 (Target::PodCgroup, None) => continue,
             };
-            sys::obj_pin(link.as_fd(), &pin).map_err(|source| CaptureError::Pin { path: pin, source })?;
+            sys::obj_pin(link.as_fd(), &pin)
+                .map_err(|source| CaptureError::Pin { path: pin, source })?;
         }
         if cgroup.is_none() {
             warn!(pod = %pod.uid, "no cgroup given: only inbound traffic is captured");
@@ -161,19 +208,35 @@ impl EbpfCapture {
     fn remove_uid(&mut self, uid: &PodUid) -> Result<(), CaptureError> {
         let dir = self.pod_dir(uid);
         if dir.exists() {
-            let entries = std::fs::read_dir(&dir).map_err(|source| CaptureError::Pin { path: dir.clone(), source })?;
+            let entries = std::fs::read_dir(&dir).map_err(|source| CaptureError::Pin {
+                path: dir.clone(),
+                source,
+            })?;
             for entry in entries.flatten() {
                 unpin_link(&entry.path())?;
             }
-            std::fs::remove_dir(&dir).map_err(|source| CaptureError::Pin { path: dir.clone(), source })?;
+            std::fs::remove_dir(&dir).map_err(|source| CaptureError::Pin {
+                path: dir.clone(),
+                source,
+            })?;
         }
         if let Some(state) = self.state(uid)? {
-            let key = PodKey { netns_cookie: state.netns_cookie };
+            let key = PodKey {
+                netns_cookie: state.netns_cookie,
+            };
             self.set_addrs(key, &[])?;
-            ignore_missing(self.hash::<PodKey, sluice_common::PodConfig>(maps::POD_CONFIG)?.remove(&key), maps::POD_CONFIG)?;
+            ignore_missing(
+                self.hash::<PodKey, sluice_common::PodConfig>(maps::POD_CONFIG)?
+                    .remove(&key),
+                maps::POD_CONFIG,
+            )?;
             let mut sockets: SockHash<&mut MapData, PodKey> = self.typed(maps::PROXY_INBOUND)?;
             ignore_missing(sockets.remove(&key), maps::PROXY_INBOUND)?;
-            ignore_missing(self.hash::<PodUidKey, PodState>(maps::PODS)?.remove(&uid.key()), maps::PODS)?;
+            ignore_missing(
+                self.hash::<PodUidKey, PodState>(maps::PODS)?
+                    .remove(&uid.key()),
+                maps::PODS,
+            )?;
             info!(pod = %uid, "pod released (ebpf)");
         }
         Ok(())
@@ -199,10 +262,16 @@ impl EbpfCapture {
     }
 
     fn state(&mut self, uid: &PodUid) -> Result<Option<PodState>, CaptureError> {
-        match self.hash::<PodUidKey, PodState>(maps::PODS)?.get(&uid.key(), 0) {
+        match self
+            .hash::<PodUidKey, PodState>(maps::PODS)?
+            .get(&uid.key(), 0)
+        {
             Ok(state) => Ok(Some(state)),
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(CaptureError::Map { map: maps::PODS, source }),
+            Err(source) => Err(CaptureError::Map {
+                map: maps::PODS,
+                source,
+            }),
         }
     }
 
@@ -217,18 +286,28 @@ impl EbpfCapture {
         target: &impl AsFd,
         target_path: &Path,
     ) -> Result<std::os::fd::OwnedFd, CaptureError> {
-        let prog = self
-            .ebpf
-            .program(program)
-            .ok_or(CaptureError::Program { program, source: aya::programs::ProgramError::NotLoaded })?;
-        let fd = prog.fd().map_err(|source| CaptureError::Program { program, source })?;
-        let link = sys::link_create(fd.as_fd(), target.as_fd(), attach)
-            .map_err(|source| CaptureError::Attach { program, target: target_path.to_path_buf(), source })?;
+        let prog = self.ebpf.program(program).ok_or(CaptureError::Program {
+            program,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?;
+        let fd = prog
+            .fd()
+            .map_err(|source| CaptureError::Program { program, source })?;
+        let link = sys::link_create(fd.as_fd(), target.as_fd(), attach).map_err(|source| {
+            CaptureError::Attach {
+                program,
+                target: target_path.to_path_buf(),
+                source,
+            }
+        })?;
         debug!(program, target = %target_path.display(), "link created");
         Ok(link)
     }
 
-    fn hash<K: aya::Pod, V: aya::Pod>(&mut self, name: &'static str) -> Result<HashMap<&mut MapData, K, V>, CaptureError> {
+    fn hash<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, CaptureError> {
         self.typed(name)
     }
 
@@ -236,10 +315,12 @@ impl EbpfCapture {
     where
         T: TryFrom<&'a mut Map, Error = MapError>,
     {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(CaptureError::Map { map: name, source: MapError::InvalidName { name: name.to_owned() } })?;
+        let map = self.ebpf.map_mut(name).ok_or(CaptureError::Map {
+            map: name,
+            source: MapError::InvalidName {
+                name: name.to_owned(),
+            },
+        })?;
         T::try_from(map).map_err(map_err(name))
     }
 }
@@ -268,21 +349,31 @@ impl Redirector for EbpfCapture {
 
 /// Reads the pinned state without loading anything: the status view of `sluice-load`.
 pub fn list_pods(root: &Path) -> Result<Vec<EnrolledPod>, CaptureError> {
-    let Some(pods_map) = open_pinned(root, maps::PODS)? else { return Ok(Vec::new()) };
-    let pods: HashMap<MapData, PodUidKey, PodState> = HashMap::try_from(Map::HashMap(pods_map)).map_err(map_err(maps::PODS))?;
+    let Some(pods_map) = open_pinned(root, maps::PODS)? else {
+        return Ok(Vec::new());
+    };
+    let pods: HashMap<MapData, PodUidKey, PodState> =
+        HashMap::try_from(Map::HashMap(pods_map)).map_err(map_err(maps::PODS))?;
     let addrs: Vec<(AddrKey, PodKey)> = match open_pinned(root, maps::POD_ADDRS)? {
         Some(data) => {
-            let map: HashMap<MapData, AddrKey, PodKey> = HashMap::try_from(Map::HashMap(data)).map_err(map_err(maps::POD_ADDRS))?;
+            let map: HashMap<MapData, AddrKey, PodKey> =
+                HashMap::try_from(Map::HashMap(data)).map_err(map_err(maps::POD_ADDRS))?;
             map.iter().filter_map(Result::ok).collect()
         }
         None => Vec::new(),
     };
     let mut out = Vec::new();
     for (key, state) in pods.iter().filter_map(Result::ok) {
-        let Some(uid) = PodUid::from_key(&key) else { continue };
+        let Some(uid) = PodUid::from_key(&key) else {
+            continue;
+        };
         let dir = root.join("pods").join(uid.as_str());
         let mut links: Vec<String> = std::fs::read_dir(&dir)
-            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         links.sort();
         out.push(EnrolledPod {
@@ -305,7 +396,8 @@ pub fn verdicts(root: &Path) -> Result<Vec<(Verdict, u64)>, CaptureError> {
     let Some(data) = open_pinned(root, maps::VERDICTS)? else {
         return Ok(Verdict::ALL.iter().map(|v| (*v, 0)).collect());
     };
-    let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(maps::VERDICTS))?;
+    let map: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(maps::VERDICTS))?;
     Verdict::ALL
         .iter()
         .map(|v| {
@@ -321,7 +413,10 @@ pub fn remove_pin_root(root: &Path) -> Result<(), CaptureError> {
         return Ok(());
     }
     unpin_link(&root.join("proxy").join(programs::GETSOCKOPT))?;
-    std::fs::remove_dir_all(root).map_err(|source| CaptureError::Pin { path: root.to_path_buf(), source })
+    std::fs::remove_dir_all(root).map_err(|source| CaptureError::Pin {
+        path: root.to_path_buf(),
+        source,
+    })
 }
 
 fn open_pinned(root: &Path, name: &'static str) -> Result<Option<MapData>, CaptureError> {
@@ -333,9 +428,10 @@ fn open_pinned(root: &Path, name: &'static str) -> Result<Option<MapData>, Captu
 }
 
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), CaptureError> {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or(CaptureError::Program { program: name, source: aya::programs::ProgramError::NotLoaded })?;
+    let prog = ebpf.program_mut(name).ok_or(CaptureError::Program {
+        program: name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
     let loaded = match prog {
         Program::SkLookup(p) => p.load(),
         Program::CgroupSockAddr(p) => p.load(),
@@ -343,7 +439,10 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), CaptureError>
         Program::CgroupSockopt(p) => p.load(),
         _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
     };
-    loaded.map_err(|source| CaptureError::Program { program: name, source })
+    loaded.map_err(|source| CaptureError::Program {
+        program: name,
+        source,
+    })
 }
 
 /// Detaches and unpins the link pinned at `path`; a missing pin is already done.
@@ -351,24 +450,38 @@ fn unpin_link(path: &Path) -> Result<(), CaptureError> {
     let link = match sys::obj_get(path) {
         Ok(link) => link,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(CaptureError::Pin { path: path.to_path_buf(), source }),
+        Err(source) => {
+            return Err(CaptureError::Pin {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
     };
     // Detach now rather than when the last reference goes, so capture stops at once. A link
     // whose netns or cgroup is already gone is auto-detached and may refuse this: fine.
     if let Err(e) = sys::link_detach(link.as_fd()) {
         debug!(pin = %path.display(), error = %e, "link already detached");
     }
-    std::fs::remove_file(path).map_err(|source| CaptureError::Pin { path: path.to_path_buf(), source })
+    std::fs::remove_file(path).map_err(|source| CaptureError::Pin {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn open_cgroup(path: &Path) -> Result<File, CaptureError> {
-    File::open(path).map_err(|source| CaptureError::Cgroup { path: path.to_path_buf(), source })
+    File::open(path).map_err(|source| CaptureError::Cgroup {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn ensure_bpffs(root: &Path) -> Result<(), CaptureError> {
     let parent = root.parent().unwrap_or(root);
     let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(parent.as_os_str()))
-        .map_err(|_| CaptureError::Pin { path: root.to_path_buf(), source: std::io::ErrorKind::InvalidInput.into() })?;
+        .map_err(|_| CaptureError::Pin {
+            path: root.to_path_buf(),
+            source: std::io::ErrorKind::InvalidInput.into(),
+        })?;
     // SAFETY: statfs writes into a zeroed struct of the right type; c is a valid C string.
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
@@ -400,13 +513,19 @@ fn ignore_missing(result: Result<(), MapError>, map: &'static str) -> Result<(),
 pub(crate) fn addr_key(addr: IpAddr) -> AddrKey {
     // Same layout the programs see: network byte order words.
     match addr {
-        IpAddr::V4(v4) => AddrKey { family: sluice_common::AF_INET, addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0] },
+        IpAddr::V4(v4) => AddrKey {
+            family: sluice_common::AF_INET,
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+        },
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => addr_key(IpAddr::V4(v4)),
             None => {
                 let o = v6.octets();
                 let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-                AddrKey { family: sluice_common::AF_INET6, addr: [word(0), word(4), word(8), word(12)] }
+                AddrKey {
+                    family: sluice_common::AF_INET6,
+                    addr: [word(0), word(4), word(8), word(12)],
+                }
             }
         },
     }

@@ -7,32 +7,66 @@ pub enum CaptureError {
     InvalidUid { uid: String, why: &'static str },
 
     #[error("open network namespace {path}: {source}; is the pod still running?")]
-    Netns { path: PathBuf, source: std::io::Error },
+    Netns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("open cgroup {path}: {source}; check the path under the cgroup v2 mount")]
-    Cgroup { path: PathBuf, source: std::io::Error },
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("{what} in netns {netns}: {source}")]
-    InNetns { what: &'static str, netns: PathBuf, source: std::io::Error },
+    InNetns {
+        what: &'static str,
+        netns: PathBuf,
+        source: std::io::Error,
+    },
 
-    #[error("load the eBPF object: {0}; needs root (CAP_BPF + CAP_NET_ADMIN) and a kernel with BTF")]
+    #[error(
+        "load the eBPF object: {0}; needs root (CAP_BPF + CAP_NET_ADMIN) and a kernel with BTF"
+    )]
     Load(#[from] aya::EbpfError),
 
     #[error("load program {program}: {source}")]
-    Program { program: &'static str, source: aya::programs::ProgramError },
+    Program {
+        program: &'static str,
+        source: aya::programs::ProgramError,
+    },
 
     #[error("attach {program} to {target}: {source}")]
-    Attach { program: &'static str, target: PathBuf, source: std::io::Error },
+    Attach {
+        program: &'static str,
+        target: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("map {map}: {source}")]
-    Map { map: &'static str, source: aya::maps::MapError },
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
 
     #[error("pin {path}: {source}; is bpffs mounted at /sys/fs/bpf?")]
-    Pin { path: PathBuf, source: std::io::Error },
+    Pin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("{command} in netns {netns} failed: {stderr}")]
-    Command { command: String, netns: PathBuf, stderr: String },
+    Command {
+        command: String,
+        netns: PathBuf,
+        stderr: String,
+    },
 
     #[error("pod {uid} has {count} {what}, more than the {max} sluice supports per pod")]
-    TooMany { uid: String, what: &'static str, count: usize, max: usize },
+    TooMany {
+        uid: String,
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
 }

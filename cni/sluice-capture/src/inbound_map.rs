@@ -25,7 +25,10 @@ impl InboundSocketMap {
         if !path.exists() {
             return Ok(None);
         }
-        let map_err = |source| CaptureError::Map { map: maps::PROXY_INBOUND, source };
+        let map_err = |source| CaptureError::Map {
+            map: maps::PROXY_INBOUND,
+            source,
+        };
         let data = MapData::from_pin(&path).map_err(map_err)?;
         let map = SockHash::try_from(Map::SockHash(data)).map_err(map_err)?;
         Ok(Some(Self { map }))
@@ -33,14 +36,24 @@ impl InboundSocketMap {
 
     /// Registers a listening socket created inside a pod's netns; returns the pod's netns cookie.
     pub fn register(&mut self, listener: &impl AsFd) -> Result<u64, CaptureError> {
-        let cookie = socket_netns_cookie(listener.as_fd()).map_err(|source| CaptureError::InNetns {
-            what: "read the listener's netns cookie",
-            netns: "(listener)".into(),
-            source,
-        })?;
+        let cookie =
+            socket_netns_cookie(listener.as_fd()).map_err(|source| CaptureError::InNetns {
+                what: "read the listener's netns cookie",
+                netns: "(listener)".into(),
+                source,
+            })?;
         self.map
-            .insert(PodKey { netns_cookie: cookie }, listener.as_fd().as_raw_fd(), 0)
-            .map_err(|source| CaptureError::Map { map: maps::PROXY_INBOUND, source })?;
+            .insert(
+                PodKey {
+                    netns_cookie: cookie,
+                },
+                listener.as_fd().as_raw_fd(),
+                0,
+            )
+            .map_err(|source| CaptureError::Map {
+                map: maps::PROXY_INBOUND,
+                source,
+            })?;
         Ok(cookie)
     }
 
@@ -48,8 +61,15 @@ impl InboundSocketMap {
     pub fn unregister(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
         match self.map.remove(&PodKey { netns_cookie }) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(source) => Err(CaptureError::Map { map: maps::PROXY_INBOUND, source }),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(CaptureError::Map {
+                map: maps::PROXY_INBOUND,
+                source,
+            }),
         }
     }
 }

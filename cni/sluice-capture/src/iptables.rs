@@ -10,7 +10,10 @@ use std::process::{Output, Stdio};
 use tracing::info;
 
 use crate::netns::Netns;
-use crate::{Backend, CaptureError, PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND, PROXY_MARK, PodCapture, Redirector};
+use crate::{
+    Backend, CaptureError, PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND, PROXY_MARK, PodCapture,
+    Redirector,
+};
 
 /// Marks connections that came in for the proxy so their replies route back through it.
 const CONNMARK: u32 = 0x111;
@@ -85,10 +88,14 @@ fn install_rules(family: Family, pod: &PodCapture) -> String {
     r.push_str(&format!(
         "-A ISTIO_PRERT ! -d {lo} -p tcp ! --dport {PORT_HBONE} -m mark ! --mark {PROXY_MARK:#x}/{MASK:#x} -j REDIRECT --to-ports {PORT_INBOUND}\n"
     ));
-    r.push_str(&format!("-A ISTIO_OUTPUT -p tcp -m mark --mark {CONNMARK:#x}/{MASK:#x} -j ACCEPT\n"));
+    r.push_str(&format!(
+        "-A ISTIO_OUTPUT -p tcp -m mark --mark {CONNMARK:#x}/{MASK:#x} -j ACCEPT\n"
+    ));
     r.push_str(&format!("-A ISTIO_OUTPUT ! -d {lo} -o lo -j ACCEPT\n"));
     for port in &pod.exclude_outbound_ports {
-        r.push_str(&format!("-A ISTIO_OUTPUT -p tcp --dport {port} -j RETURN\n"));
+        r.push_str(&format!(
+            "-A ISTIO_OUTPUT -p tcp --dport {port} -j RETURN\n"
+        ));
     }
     r.push_str(&format!(
         "-A ISTIO_OUTPUT ! -d {lo} -p tcp -m mark ! --mark {PROXY_MARK:#x}/{MASK:#x} -j REDIRECT --to-ports {PORT_OUTBOUND}\n"
@@ -124,7 +131,9 @@ fn removal_rules(saved: &str) -> Option<String> {
 
 fn section<'a>(saved: &'a str, table: &str) -> &'a str {
     let header = format!("*{table}\n");
-    let Some(start) = saved.find(&header) else { return "" };
+    let Some(start) = saved.find(&header) else {
+        return "";
+    };
     let rest = &saved[start..];
     let end = rest.find("COMMIT").unwrap_or(rest.len());
     &rest[..end]
@@ -138,9 +147,44 @@ impl IptablesCapture {
     fn apply(&self, netns: &Netns, pod: &PodCapture) -> Result<(), CaptureError> {
         self.clear(netns)?;
         for family in [Family::V4, Family::V6] {
-            run(netns, family.restore(), &["--noflush"], Some(&install_rules(family, pod)))?;
-            run(netns, "ip", &[family.ip_flag(), "rule", "add", "fwmark", &format!("{CONNMARK:#x}/{MASK:#x}"), "pref", RULE_PREF, "lookup", ROUTE_TABLE], None)?;
-            run(netns, "ip", &[family.ip_flag(), "route", "add", "local", family.any(), "dev", "lo", "table", ROUTE_TABLE], None)?;
+            run(
+                netns,
+                family.restore(),
+                &["--noflush"],
+                Some(&install_rules(family, pod)),
+            )?;
+            run(
+                netns,
+                "ip",
+                &[
+                    family.ip_flag(),
+                    "rule",
+                    "add",
+                    "fwmark",
+                    &format!("{CONNMARK:#x}/{MASK:#x}"),
+                    "pref",
+                    RULE_PREF,
+                    "lookup",
+                    ROUTE_TABLE,
+                ],
+                None,
+            )?;
+            run(
+                netns,
+                "ip",
+                &[
+                    family.ip_flag(),
+                    "route",
+                    "add",
+                    "local",
+                    family.any(),
+                    "dev",
+                    "lo",
+                    "table",
+                    ROUTE_TABLE,
+                ],
+                None,
+            )?;
         }
         Ok(())
     }
@@ -154,8 +198,30 @@ impl IptablesCapture {
             // `ip rule del` / `ip route flush` of things that are not there fail; that is the
             // state we want, so only "present → removed" matters.
             let rule = format!("{CONNMARK:#x}/{MASK:#x}");
-            while run(netns, "ip", &[family.ip_flag(), "rule", "del", "fwmark", &rule, "pref", RULE_PREF, "lookup", ROUTE_TABLE], None).is_ok() {}
-            let _ = run(netns, "ip", &[family.ip_flag(), "route", "flush", "table", ROUTE_TABLE], None);
+            while run(
+                netns,
+                "ip",
+                &[
+                    family.ip_flag(),
+                    "rule",
+                    "del",
+                    "fwmark",
+                    &rule,
+                    "pref",
+                    RULE_PREF,
+                    "lookup",
+                    ROUTE_TABLE,
+                ],
+                None,
+            )
+            .is_ok()
+            {}
+            let _ = run(
+                netns,
+                "ip",
+                &[family.ip_flag(), "route", "flush", "table", ROUTE_TABLE],
+                None,
+            );
         }
         Ok(())
     }
@@ -167,7 +233,10 @@ impl Redirector for IptablesCapture {
     }
 
     fn enroll(&mut self, pod: &PodCapture) -> Result<(), CaptureError> {
-        let netns = Netns::open(&pod.netns).map_err(|source| CaptureError::Netns { path: pod.netns.clone(), source })?;
+        let netns = Netns::open(&pod.netns).map_err(|source| CaptureError::Netns {
+            path: pod.netns.clone(),
+            source,
+        })?;
         pod.config()?;
         if let Err(e) = self.apply(&netns, pod) {
             let _ = self.clear(&netns);
@@ -182,7 +251,12 @@ impl Redirector for IptablesCapture {
         let netns = match Netns::open(&pod.netns) {
             Ok(netns) => netns,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(source) => return Err(CaptureError::Netns { path: pod.netns.clone(), source }),
+            Err(source) => {
+                return Err(CaptureError::Netns {
+                    path: pod.netns.clone(),
+                    source,
+                });
+            }
         };
         self.clear(&netns)?;
         info!(pod = %pod.uid, "pod released (iptables)");
@@ -190,21 +264,41 @@ impl Redirector for IptablesCapture {
     }
 }
 
-fn run(netns: &Netns, program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, CaptureError> {
+fn run(
+    netns: &Netns,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<Output, CaptureError> {
     let describe = || format!("{program} {}", args.join(" "));
-    let failed = |stderr: String| CaptureError::Command { command: describe(), netns: netns.path().to_path_buf(), stderr };
+    let failed = |stderr: String| CaptureError::Command {
+        command: describe(),
+        netns: netns.path().to_path_buf(),
+        stderr,
+    };
     let mut cmd = netns.command(program).map_err(|e| failed(e.to_string()))?;
     cmd.args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| failed(format!("cannot start {program}: {e}; is it installed?")))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| failed(format!("cannot start {program}: {e}; is it installed?")))?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes()).map_err(|e| failed(e.to_string()))?;
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| failed(e.to_string()))?;
     }
-    let out = child.wait_with_output().map_err(|e| failed(e.to_string()))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| failed(e.to_string()))?;
     if !out.status.success() {
-        return Err(failed(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+        return Err(failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
     }
     Ok(out)
 }
@@ -249,12 +343,21 @@ mod tests {
 
     #[test]
     fn removal_touches_only_existing_sluice_chains() {
-        assert_eq!(removal_rules("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"), None);
+        assert_eq!(
+            removal_rules("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"),
+            None
+        );
         let saved = "*mangle\n:PREROUTING ACCEPT [0:0]\n:ISTIO_PRERT - [0:0]\n-A PREROUTING -j ISTIO_PRERT\nCOMMIT\n\
                      *nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n";
         let removal = removal_rules(saved).unwrap();
-        assert!(removal.contains("*mangle\n-D PREROUTING -j ISTIO_PRERT\n-F ISTIO_PRERT\n-X ISTIO_PRERT\nCOMMIT"));
-        assert!(removal.contains("*nat\n-D OUTPUT -j ISTIO_OUTPUT\n-F ISTIO_OUTPUT\n-X ISTIO_OUTPUT\nCOMMIT"));
+        assert!(removal.contains(
+            "*mangle\n-D PREROUTING -j ISTIO_PRERT\n-F ISTIO_PRERT\n-X ISTIO_PRERT\nCOMMIT"
+        ));
+        assert!(
+            removal.contains(
+                "*nat\n-D OUTPUT -j ISTIO_OUTPUT\n-F ISTIO_OUTPUT\n-X ISTIO_OUTPUT\nCOMMIT"
+            )
+        );
         assert!(!removal.contains("-D OUTPUT -j ISTIO_OUTPUT\n-F ISTIO_PRERT"));
     }
 }

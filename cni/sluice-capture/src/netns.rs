@@ -73,7 +73,8 @@ impl Netns {
                 None => {
                     let file = File::open("/proc/thread-self/ns/net")?;
                     let _ = home.set(file);
-                    home.get().ok_or_else(|| io::Error::other("thread-local netns handle unset"))?
+                    home.get()
+                        .ok_or_else(|| io::Error::other("thread-local netns handle unset"))?
                 }
             };
             setns(self.file.as_fd())?;
@@ -100,7 +101,8 @@ impl Netns {
 
     /// The netns cookie: sluice's per-pod key in every BPF map.
     pub fn cookie(&self) -> io::Result<u64> {
-        let socket = self.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))??;
+        let socket =
+            self.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))??;
         socket_netns_cookie(socket.as_fd())
     }
 

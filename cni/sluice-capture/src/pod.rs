@@ -11,7 +11,10 @@ pub struct PodUid(String);
 
 impl PodUid {
     pub fn parse(uid: &str) -> Result<Self, CaptureError> {
-        let invalid = |why| CaptureError::InvalidUid { uid: uid.to_owned(), why };
+        let invalid = |why| CaptureError::InvalidUid {
+            uid: uid.to_owned(),
+            why,
+        };
         if uid.is_empty() {
             return Err(invalid("it is empty"));
         }
@@ -21,8 +24,13 @@ impl PodUid {
         if uid.starts_with('.') {
             return Err(invalid("it starts with a dot"));
         }
-        if !uid.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
-            return Err(invalid("only ASCII letters, digits, '-', '_' and '.' are allowed"));
+        if !uid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(invalid(
+                "only ASCII letters, digits, '-', '_' and '.' are allowed",
+            ));
         }
         Ok(Self(uid.to_owned()))
     }
@@ -82,8 +90,16 @@ impl PodCapture {
     pub(crate) fn config(&self) -> Result<PodConfig, CaptureError> {
         let mut config = PodConfig::default();
         for (list, slots, dir) in [
-            (&self.exclude_inbound_ports, &mut config.exclude_inbound_ports, "excluded inbound ports"),
-            (&self.exclude_outbound_ports, &mut config.exclude_outbound_ports, "excluded outbound ports"),
+            (
+                &self.exclude_inbound_ports,
+                &mut config.exclude_inbound_ports,
+                "excluded inbound ports",
+            ),
+            (
+                &self.exclude_outbound_ports,
+                &mut config.exclude_outbound_ports,
+                "excluded outbound ports",
+            ),
         ] {
             if list.len() > MAX_EXCLUDED_PORTS {
                 return Err(CaptureError::TooMany {

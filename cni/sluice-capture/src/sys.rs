@@ -75,7 +75,11 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
 /// Attaches `prog` to `target` (a netns fd or a cgroup dir fd) as a bpf_link. Cgroup links
 /// always allow other programs beside them (BPF_F_ALLOW_MULTI semantics), so sluice composes
 /// with whatever else is attached (e.g. Cilium's socket LB on the root cgroup).
-pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach: AttachType) -> io::Result<OwnedFd> {
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach: AttachType,
+) -> io::Result<OwnedFd> {
     let mut attr = LinkCreateAttr {
         prog_fd: prog.as_raw_fd() as u32,
         target_fd: target.as_raw_fd() as u32,
@@ -101,7 +105,10 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
 /// Opens the BPF object pinned at `path`.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let path = c_path(path)?;
-    let mut attr = ObjAttr { pathname: path.as_ptr() as u64, ..Default::default() };
+    let mut attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: on success BPF_OBJ_GET returns a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -109,7 +116,10 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
 
 /// Detaches a link now, even while other fds or pins still refer to it.
 pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr = LinkDetachAttr { link_fd: link.as_raw_fd() as u32, pad: 0 };
+    let mut attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+        pad: 0,
+    };
     bpf(BPF_LINK_DETACH, &mut attr).map(drop)
 }
 

@@ -7,7 +7,10 @@ const V4_MAPPED_PREFIX: u32 = 0x0000_ffff;
 /// Builds the map key of an IPv4 address (network byte order).
 #[inline(always)]
 pub fn key4(ip: u32) -> AddrKey {
-    AddrKey { family: AF_INET, addr: [ip, 0, 0, 0] }
+    AddrKey {
+        family: AF_INET,
+        addr: [ip, 0, 0, 0],
+    }
 }
 
 /// Builds the map key of an IPv6 address, folding IPv4-mapped addresses into IPv4 keys so a
@@ -17,7 +20,10 @@ pub fn key6(ip: [u32; 4]) -> AddrKey {
     if is_v4_mapped(ip) {
         key4(ip[3])
     } else {
-        AddrKey { family: AF_INET6, addr: ip }
+        AddrKey {
+            family: AF_INET6,
+            addr: ip,
+        }
     }
 }
 

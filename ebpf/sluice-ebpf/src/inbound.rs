@@ -41,7 +41,7 @@ fn steer(ctx: &SkLookupContext) -> Verdict {
         _ => return Verdict::InboundPassNotPod,
     };
     // SAFETY: map values are valid while the program runs; PodKey is plain data.
-    let Some(pod) = (unsafe { POD_ADDRS.get(&key) }).copied() else {
+    let Some(pod) = (unsafe { POD_ADDRS.get(key) }).copied() else {
         return Verdict::InboundPassNotPod;
     };
     // sk_lookup's local_port is in host byte order.
@@ -50,7 +50,7 @@ fn steer(ctx: &SkLookupContext) -> Verdict {
         return Verdict::InboundPassPort;
     }
     // SAFETY: as above.
-    if let Some(config) = unsafe { POD_CONFIG.get(&pod) }
+    if let Some(config) = unsafe { POD_CONFIG.get(pod) }
         && config.excludes_inbound(port)
     {
         return Verdict::InboundPassPort;

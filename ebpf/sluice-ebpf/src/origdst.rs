@@ -3,11 +3,13 @@
 
 use core::ptr::write_volatile;
 
+use aya_ebpf::EbpfContext;
 use aya_ebpf::helpers::generated::bpf_get_netns_cookie;
 use aya_ebpf::macros::cgroup_sockopt;
 use aya_ebpf::programs::SockoptContext;
-use aya_ebpf::EbpfContext;
-use sluice_common::{AF_INET, AF_INET6, OrigDst, PairKey, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6, Verdict};
+use sluice_common::{
+    AF_INET, AF_INET6, OrigDst, PairKey, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6, Verdict,
+};
 
 use crate::addr::{key4, key6, v4_mapped};
 use crate::maps::{PAIR_ORIG, count};
@@ -56,7 +58,7 @@ fn answer(ctx: &SockoptContext) {
         addr: peer.addr,
     };
     // SAFETY: map values are valid while the program runs.
-    let Some(orig) = (unsafe { PAIR_ORIG.get(&key) }).copied() else {
+    let Some(orig) = (unsafe { PAIR_ORIG.get(key) }).copied() else {
         count(Verdict::OrigDstMiss);
         return;
     };
@@ -94,7 +96,11 @@ fn write_sockaddr_in(so: &mut aya_ebpf::bindings::bpf_sockopt, orig: &OrigDst) -
 }
 
 fn write_sockaddr_in6(so: &mut aya_ebpf::bindings::bpf_sockopt, orig: &OrigDst) -> bool {
-    let ip = if orig.family == AF_INET6 { orig.addr } else { v4_mapped(orig.addr[0]) };
+    let ip = if orig.family == AF_INET6 {
+        orig.addr
+    } else {
+        v4_mapped(orig.addr[0])
+    };
     // SAFETY: as in write_sockaddr_in.
     unsafe {
         let start = so.__bindgen_anon_2.optval as *mut u8;

@@ -4,11 +4,11 @@
 
 use core::ptr::write_volatile;
 
+use aya_ebpf::EbpfContext;
 use aya_ebpf::bindings::BPF_SOCK_OPS_TCP_CONNECT_CB;
 use aya_ebpf::helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie};
 use aya_ebpf::macros::{cgroup_sock_addr, sock_ops};
 use aya_ebpf::programs::{SockAddrContext, SockOpsContext};
-use aya_ebpf::EbpfContext;
 use sluice_common::{AF_INET, AF_INET6, AddrKey, OrigDst, PORT_OUTBOUND, PairKey, PodKey, Verdict};
 
 use crate::addr::{is_local4, is_local6, is_v4_mapped, key4, key6, v4_mapped};
@@ -82,13 +82,15 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn exempt(ctx: &SockAddrContext, dst: AddrKey, port: u16) -> Option<Verdict> {
     // SAFETY: bpf_get_netns_cookie is allowed for cgroup sock_addr programs (Linux 5.7).
-    let pod = PodKey { netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } };
+    let pod = PodKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+    };
     // SAFETY: map values are valid while the program runs.
-    if unsafe { POD_ADDRS.get(&dst) } == Some(&pod) {
+    if unsafe { POD_ADDRS.get(dst) } == Some(&pod) {
         return Some(Verdict::OutboundPassOwnAddr);
     }
     // SAFETY: as above.
-    if let Some(config) = unsafe { POD_CONFIG.get(&pod) }
+    if let Some(config) = unsafe { POD_CONFIG.get(pod) }
         && config.excludes_outbound(port)
     {
         return Some(Verdict::OutboundPassPort);
@@ -102,8 +104,12 @@ fn exempt(ctx: &SockAddrContext, dst: AddrKey, port: u16) -> Option<Verdict> {
 fn remember(ctx: &SockAddrContext, dst: AddrKey, port: u16) {
     // SAFETY: bpf_get_socket_cookie is allowed for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst { family: dst.family, port: u32::from(port), addr: dst.addr };
-    match COOKIE_ORIG.insert(&cookie, &orig, 0) {
+    let orig = OrigDst {
+        family: dst.family,
+        port: u32::from(port),
+        addr: dst.addr,
+    };
+    match COOKIE_ORIG.insert(cookie, orig, 0) {
         Ok(()) => count(Verdict::OutboundRedirected),
         Err(_) => count(Verdict::OutboundRecordFailed),
     }
@@ -124,7 +130,7 @@ fn record_pair(ctx: &SockOpsContext) {
     // SAFETY: bpf_get_socket_cookie is allowed for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: map values are valid while the program runs.
-    let Some(orig) = (unsafe { COOKIE_ORIG.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { COOKIE_ORIG.get(cookie) }).copied() else {
         return;
     };
     let local = match ctx.family() {
@@ -140,7 +146,7 @@ fn record_pair(ctx: &SockOpsContext) {
         addr: local.addr,
     };
     // On failure the proxy finds no destination and refuses the connection (fail closed).
-    let _ = PAIR_ORIG.insert(&key, &orig, 0);
+    let _ = PAIR_ORIG.insert(key, orig, 0);
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -160,7 +166,11 @@ pub fn restore_peer4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = redirected(&ctx) {
-        let ip = if orig.family == AF_INET6 { orig.addr } else { v4_mapped(orig.addr[0]) };
+        let ip = if orig.family == AF_INET6 {
+            orig.addr
+        } else {
+            v4_mapped(orig.addr[0])
+        };
         // SAFETY: as in redirect_connect4.
         let sa = unsafe { &mut *ctx.sock_addr };
         // SAFETY: user_ip6 is a writable field of the context; one 4-byte store per word.
@@ -180,5 +190,5 @@ fn redirected(ctx: &SockAddrContext) -> Option<OrigDst> {
     // SAFETY: bpf_get_socket_cookie is allowed for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: map values are valid while the program runs.
-    unsafe { COOKIE_ORIG.get(&cookie) }.copied()
+    unsafe { COOKIE_ORIG.get(cookie) }.copied()
 }

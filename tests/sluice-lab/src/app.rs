@@ -45,7 +45,10 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
             return Ok(candidate);
         }
     }
-    bail!("{name} not found next to {}; build it first (`cargo build --workspace --bins`, which `cargo xtask test` does)", lab.display())
+    bail!(
+        "{name} not found next to {}; build it first (`cargo build --workspace --bins`, which `cargo xtask test` does)",
+        lab.display()
+    )
 }
 
 /// Where a lab process runs.
@@ -119,9 +122,16 @@ pub fn spawn_server(place: &Placement, addrs: &[SocketAddr]) -> Result<ProcessGu
     for addr in addrs {
         cmd.arg("--listen").arg(addr.to_string());
     }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("spawn the echo server")?;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawn the echo server")?;
     let stdout = child.stdout.take().context("server stdout")?;
-    let mut guard = ProcessGuard { child, name: format!("server {addrs:?}") };
+    let mut guard = ProcessGuard {
+        child,
+        name: format!("server {addrs:?}"),
+    };
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
     if line.trim() != "listening" {
@@ -148,8 +158,18 @@ pub struct Outcome {
 /// Runs one client connection to `to` inside `place` and reports what it saw.
 pub fn run_client(place: &Placement, to: SocketAddr, bytes: u64) -> Result<Outcome> {
     let mut cmd = command_in(&binary()?, place)?;
-    cmd.args(["app", "connect", "--to", &to.to_string(), "--bytes", &bytes.to_string()]);
-    let out = cmd.stderr(Stdio::inherit()).output().context("run the client")?;
+    cmd.args([
+        "app",
+        "connect",
+        "--to",
+        &to.to_string(),
+        "--bytes",
+        &bytes.to_string(),
+    ]);
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run the client")?;
     let line = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(line.trim()).with_context(|| format!("client printed {line:?}"))
 }
@@ -195,7 +215,11 @@ fn echo(mut stream: TcpStream) -> std::io::Result<()> {
 pub fn connect(to: SocketAddr, bytes: u64) -> Outcome {
     match try_connect(to, bytes) {
         Ok(outcome) => outcome,
-        Err(e) => Outcome { ok: false, error: Some(format!("{e:#}")), ..Default::default() },
+        Err(e) => Outcome {
+            ok: false,
+            error: Some(format!("{e:#}")),
+            ..Default::default()
+        },
     }
 }
 
@@ -211,7 +235,9 @@ fn try_connect(to: SocketAddr, bytes: u64) -> Result<Outcome> {
     let local = stream.local_addr()?.to_string();
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut greeting = String::new();
-    reader.read_line(&mut greeting).context("read the server's greeting")?;
+    reader
+        .read_line(&mut greeting)
+        .context("read the server's greeting")?;
     let server_saw = greeting
         .trim()
         .strip_prefix("peer=")
@@ -242,11 +268,20 @@ fn try_connect(to: SocketAddr, bytes: u64) -> Result<Outcome> {
         }
         echoed += n as u64;
     }
-    sender.join().map_err(|_| anyhow::anyhow!("sender thread panicked"))??;
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender thread panicked"))??;
     if echoed != bytes {
         bail!("sent {bytes} bytes, {echoed} came back");
     }
-    Ok(Outcome { ok: true, error: None, peer: Some(peer), local: Some(local), server_saw: Some(server_saw), echoed })
+    Ok(Outcome {
+        ok: true,
+        error: None,
+        peer: Some(peer),
+        local: Some(local),
+        server_saw: Some(server_saw),
+        echoed,
+    })
 }
 
 /// Short-connection rate client, run by `sluice-lab app connrate`: connect, read the greeting,

@@ -65,8 +65,17 @@ struct MetricResult {
 }
 
 pub fn run(which: Which) -> Result<()> {
-    let Which::Capture { runs, seconds, rate_seconds } = which;
-    if runs == 0 || runs > 20 || seconds == 0 || seconds > 60 || !(0.5..=60.0).contains(&rate_seconds) {
+    let Which::Capture {
+        runs,
+        seconds,
+        rate_seconds,
+    } = which;
+    if runs == 0
+        || runs > 20
+        || seconds == 0
+        || seconds > 60
+        || !(0.5..=60.0).contains(&rate_seconds)
+    {
         bail!("--runs must be 1..=20, --seconds 1..=60, --rate-seconds 0.5..=60");
     }
     require_tool("iperf3")?;
@@ -76,16 +85,31 @@ pub fn run(which: Which) -> Result<()> {
         for k in 0..Mode::ALL.len() {
             let i = (round + k) % Mode::ALL.len();
             let mode = Mode::ALL[i];
-            let (g, r) = measure(mode, seconds, rate_seconds).with_context(|| format!("mode {}", mode.name()))?;
-            eprintln!("round {}/{runs} {:<14} {g:>7.2} Gbit/s {r:>9.0} conn/s", round + 1, mode.name());
+            let (g, r) = measure(mode, seconds, rate_seconds)
+                .with_context(|| format!("mode {}", mode.name()))?;
+            eprintln!(
+                "round {}/{runs} {:<14} {g:>7.2} Gbit/s {r:>9.0} conn/s",
+                round + 1,
+                mode.name()
+            );
             gbps[i].push(g);
             rate[i].push(r);
         }
     }
     let mut results = Vec::new();
     for (i, mode) in Mode::ALL.iter().enumerate() {
-        results.push(MetricResult { mode: mode.name(), metric: "throughput_gbps", median: median(&gbps[i]), runs: gbps[i].clone() });
-        results.push(MetricResult { mode: mode.name(), metric: "connections_per_s", median: median(&rate[i]), runs: rate[i].clone() });
+        results.push(MetricResult {
+            mode: mode.name(),
+            metric: "throughput_gbps",
+            median: median(&gbps[i]),
+            runs: gbps[i].clone(),
+        });
+        results.push(MetricResult {
+            mode: mode.name(),
+            metric: "connections_per_s",
+            median: median(&rate[i]),
+            runs: rate[i].clone(),
+        });
     }
     print_table(&results);
     let path = output_path()?;
@@ -102,7 +126,11 @@ pub fn run(which: Which) -> Result<()> {
 
 /// One throughput run and one connection-rate run in a fresh lab.
 fn measure(mode: Mode, seconds: u32, rate_seconds: f64) -> Result<(f64, f64)> {
-    let backend = if mode == Mode::Iptables { Backend::Iptables } else { Backend::Ebpf };
+    let backend = if mode == Mode::Iptables {
+        Backend::Iptables
+    } else {
+        Backend::Ebpf
+    };
     let mut lab = Lab::new(backend)?;
     let _proxy = match mode {
         Mode::Direct => None,
@@ -125,13 +153,27 @@ fn measure(mode: Mode, seconds: u32, rate_seconds: f64) -> Result<(f64, f64)> {
 fn iperf3(lab: &Lab, seconds: u32) -> Result<f64> {
     let port = "5201";
     let mut server = app::command_in(&which("iperf3")?, &lab.in_peer())?;
-    server.args(["-s", "-1", "-B", &PEER_IP.to_string(), "-p", port]).stdout(Stdio::null()).stderr(Stdio::null());
-    let _server = app::ProcessGuard { child: server.spawn().context("start iperf3 -s")?, name: "iperf3 -s".into() };
+    server
+        .args(["-s", "-1", "-B", &PEER_IP.to_string(), "-p", port])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _server = app::ProcessGuard {
+        child: server.spawn().context("start iperf3 -s")?,
+        name: "iperf3 -s".into(),
+    };
     // The server needs a moment to bind; retry the client a bounded number of times.
     let mut last = String::new();
     for _ in 0..20 {
         let mut client = app::command_in(&which("iperf3")?, &lab.in_pod_cgroup())?;
-        client.args(["-c", &PEER_IP.to_string(), "-p", port, "-t", &seconds.to_string(), "-J"]);
+        client.args([
+            "-c",
+            &PEER_IP.to_string(),
+            "-p",
+            port,
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ]);
         let out = client.output().context("run iperf3 -c")?;
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         if let Some(bps) = report["end"]["sum_received"]["bits_per_second"].as_f64() {
@@ -145,9 +187,17 @@ fn iperf3(lab: &Lab, seconds: u32) -> Result<f64> {
 
 fn connrate(place: &Placement, to: SocketAddr, seconds: f64) -> Result<f64> {
     let mut cmd = app::command_in(&app::binary()?, place)?;
-    cmd.args(["app", "connrate", "--to", &to.to_string(), "--seconds", &seconds.to_string()]);
+    cmd.args([
+        "app",
+        "connrate",
+        "--to",
+        &to.to_string(),
+        "--seconds",
+        &seconds.to_string(),
+    ]);
     let out = cmd.output().context("run the connection-rate client")?;
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).context("connrate output")?;
+    let summary: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("connrate output")?;
     let errors = summary["errors"].as_u64().unwrap_or(u64::MAX);
     if errors > 0 {
         bail!("connection-rate run had {errors} failed connections: {summary}");
@@ -166,32 +216,63 @@ fn median(values: &[f64]) -> f64 {
 }
 
 fn print_table(results: &[MetricResult]) {
-    let get = |mode: &str, metric: &str| results.iter().find(|r| r.mode == mode && r.metric == metric).map_or(0.0, |r| r.median);
-    println!("\n{:<14} {:>16} {:>16}", "mode", "Gbit/s (median)", "conn/s (median)");
+    let get = |mode: &str, metric: &str| {
+        results
+            .iter()
+            .find(|r| r.mode == mode && r.metric == metric)
+            .map_or(0.0, |r| r.median)
+    };
+    println!(
+        "\n{:<14} {:>16} {:>16}",
+        "mode", "Gbit/s (median)", "conn/s (median)"
+    );
     for mode in Mode::ALL {
-        println!("{:<14} {:>16.2} {:>16.0}", mode.name(), get(mode.name(), "throughput_gbps"), get(mode.name(), "connections_per_s"));
+        println!(
+            "{:<14} {:>16.2} {:>16.0}",
+            mode.name(),
+            get(mode.name(), "throughput_gbps"),
+            get(mode.name(), "connections_per_s")
+        );
     }
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     println!(
         "\nebpf / iptables: throughput {:.2}x, connections {:.2}x",
-        ratio(get("ebpf", "throughput_gbps"), get("iptables", "throughput_gbps")),
-        ratio(get("ebpf", "connections_per_s"), get("iptables", "connections_per_s"))
+        ratio(
+            get("ebpf", "throughput_gbps"),
+            get("iptables", "throughput_gbps")
+        ),
+        ratio(
+            get("ebpf", "connections_per_s"),
+            get("iptables", "connections_per_s")
+        )
     );
     println!(
         "ebpf / direct:   throughput {:.2}x, connections {:.2}x",
-        ratio(get("ebpf", "throughput_gbps"), get("direct", "throughput_gbps")),
-        ratio(get("ebpf", "connections_per_s"), get("direct", "connections_per_s"))
+        ratio(
+            get("ebpf", "throughput_gbps"),
+            get("direct", "throughput_gbps")
+        ),
+        ratio(
+            get("ebpf", "connections_per_s"),
+            get("direct", "connections_per_s")
+        )
     );
     println!(
         "splice / buffered copy (ebpf): throughput {:.2}x",
-        ratio(get("ebpf", "throughput_gbps"), get("ebpf-buffered", "throughput_gbps"))
+        ratio(
+            get("ebpf", "throughput_gbps"),
+            get("ebpf-buffered", "throughput_gbps")
+        )
     );
 }
 
 /// `target/bench/capture.json`, next to the binaries' profile dir.
 fn output_path() -> Result<PathBuf> {
     let bin = app::binary()?;
-    let target = bin.parent().and_then(|p| p.parent()).context("binary is not under a target dir")?;
+    let target = bin
+        .parent()
+        .and_then(|p| p.parent())
+        .context("binary is not under a target dir")?;
     Ok(target.join("bench").join("capture.json"))
 }
 
@@ -219,4 +300,3 @@ mod tests {
         assert_eq!(median(&[]), 0.0);
     }
 }
-

@@ -35,11 +35,19 @@ fn show(what: &str, o: &Outcome) {
 pub fn run() -> Result<()> {
     println!("sluice demo: eBPF capture of one pod, proxy in L4 passthrough\n");
     let mut lab = Lab::new(Backend::Ebpf)?;
-    println!("1. lab: netns {} ({POD_IP}) <-veth-> {} ({PEER_IP})", lab.pod_ns.name, lab.peer_ns.name);
+    println!(
+        "1. lab: netns {} ({POD_IP}) <-veth-> {} ({PEER_IP})",
+        lab.pod_ns.name, lab.peer_ns.name
+    );
     lab.capture()?;
-    println!("2. pod enrolled: sk_lookup on its netns, connect/getpeername/sockops on its cgroup, pinned under {}", lab.pin_root().display());
+    println!(
+        "2. pod enrolled: sk_lookup on its netns, connect/getpeername/sockops on its cgroup, pinned under {}",
+        lab.pin_root().display()
+    );
     let mut proxy = ProxyProcess::start(&lab, &[])?;
-    println!("3. sluice-proxy up: listeners 15001/15006 created inside the pod's netns from the host netns");
+    println!(
+        "3. sluice-proxy up: listeners 15001/15006 created inside the pod's netns from the host netns"
+    );
     let _app = app::spawn_server(&lab.in_pod(), &[addr(Ipv4Addr::UNSPECIFIED, 8080)])?;
     let _peer = app::spawn_server(&lab.in_peer(), &[addr(PEER_IP, 9090)])?;
 
@@ -48,14 +56,30 @@ pub fn run() -> Result<()> {
     show("peer -> pod:8080 (inbound) ", &inbound);
     let outbound = app::run_client(&lab.in_pod_cgroup(), addr(PEER_IP, 9090), 1 << 20)?;
     show("pod -> peer:9090 (outbound)", &outbound);
-    ensure!(inbound.ok && outbound.ok, "traffic through the proxy failed");
-    println!("  (inbound: the app sees the proxy's in-pod connection from {POD_IP}; outbound: the app's getpeername() is the real server)");
-    for line in proxy.log().iter().filter(|l| l.contains("connection closed")) {
-        println!("  proxy: {}", line.split_once("conn{").map_or(line.as_str(), |(_, rest)| rest));
+    ensure!(
+        inbound.ok && outbound.ok,
+        "traffic through the proxy failed"
+    );
+    println!(
+        "  (inbound: the app sees the proxy's in-pod connection from {POD_IP}; outbound: the app's getpeername() is the real server)"
+    );
+    for line in proxy
+        .log()
+        .iter()
+        .filter(|l| l.contains("connection closed"))
+    {
+        println!(
+            "  proxy: {}",
+            line.split_once("conn{")
+                .map_or(line.as_str(), |(_, rest)| rest)
+        );
     }
 
     println!("\n5. verdict counters (eBPF maps):");
-    for (verdict, count) in ebpf::verdicts(&lab.pin_root())?.into_iter().filter(|(_, n)| *n > 0) {
+    for (verdict, count) in ebpf::verdicts(&lab.pin_root())?
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+    {
         println!("  {:<24} {count}", verdict.name());
     }
 
@@ -65,14 +89,20 @@ pub fn run() -> Result<()> {
     show("peer -> pod:8080 (inbound) ", &inbound);
     let outbound = app::run_client(&lab.in_pod_cgroup(), addr(PEER_IP, 9090), 1024)?;
     show("pod -> peer:9090 (outbound)", &outbound);
-    ensure!(!inbound.ok && !outbound.ok, "traffic bypassed a stopped proxy");
+    ensure!(
+        !inbound.ok && !outbound.ok,
+        "traffic bypassed a stopped proxy"
+    );
 
     println!("\n7. pod released: traffic is direct again");
     lab.release()?;
     let inbound = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 1024)?;
     show("peer -> pod:8080 (inbound) ", &inbound);
     ensure!(inbound.ok, "direct traffic after release failed");
-    println!("  pinned pods left: {}", ebpf::list_pods(&lab.pin_root())?.len());
+    println!(
+        "  pinned pods left: {}",
+        ebpf::list_pods(&lab.pin_root())?.len()
+    );
     println!("\ndemo done; the lab (namespaces, cgroups, pins, processes) is removed on exit");
     Ok(())
 }

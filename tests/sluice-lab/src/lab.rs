@@ -16,13 +16,20 @@ use sluice_capture::{Backend, PodCapture, PodUid, Redirector};
 /// A name no other lab on this machine uses at the same time: pid + per-process counter.
 pub fn unique_id() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("{:x}{:x}", std::process::id() % 0xfffff, NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{:x}{:x}",
+        std::process::id() % 0xfffff,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
     let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -47,14 +54,23 @@ impl NetnsGuard {
 
     /// Runs a command inside the namespace and fails if it fails.
     pub fn exec(&self, argv: &[&str]) -> Result<()> {
-        run(Command::new("ip").args(["netns", "exec", &self.name]).args(argv))
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv))
     }
 
     /// Runs a command inside the namespace and returns its stdout.
     pub fn output(&self, argv: &[&str]) -> Result<String> {
-        let out = Command::new("ip").args(["netns", "exec", &self.name]).args(argv).output()?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .output()?;
         if !out.status.success() {
-            bail!("{argv:?} in {} failed: {}", self.name, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "{argv:?} in {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -63,7 +79,9 @@ impl NetnsGuard {
 impl Drop for NetnsGuard {
     fn drop(&mut self) {
         // Deleting the netns also deletes the veth ends inside it (and so their peers).
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -105,7 +123,10 @@ pub struct PinRootGuard {
 impl Drop for PinRootGuard {
     fn drop(&mut self) {
         if let Err(e) = ebpf::remove_pin_root(&self.path) {
-            eprintln!("lab: could not remove pin root {}: {e}", self.path.display());
+            eprintln!(
+                "lab: could not remove pin root {}: {e}",
+                self.path.display()
+            );
         }
     }
 }
@@ -138,31 +159,70 @@ impl Lab {
         let pod_ns = NetnsGuard::new(format!("sluice-{id}-pod"))?;
         let peer_ns = NetnsGuard::new(format!("sluice-{id}-peer"))?;
         let (pod_if, peer_if) = (format!("sl{id}p"), format!("sl{id}q"));
-        run(Command::new("ip").args(["link", "add", &pod_if, "netns", &pod_ns.name, "type", "veth", "peer", "name", &peer_if, "netns", &peer_ns.name]))?;
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            &pod_if,
+            "netns",
+            &pod_ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer_if,
+            "netns",
+            &peer_ns.name,
+        ]))?;
         pod_ns.exec(&["ip", "addr", "add", &format!("{POD_IP}/24"), "dev", &pod_if])?;
         pod_ns.exec(&["ip", "link", "set", &pod_if, "up"])?;
-        peer_ns.exec(&["ip", "addr", "add", &format!("{PEER_IP}/24"), "dev", &peer_if])?;
+        peer_ns.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{PEER_IP}/24"),
+            "dev",
+            &peer_if,
+        ])?;
         peer_ns.exec(&["ip", "link", "set", &peer_if, "up"])?;
         let pod_cgroup = CgroupGuard::new(&format!("sluice-{id}-pod"))?;
         let proxy_cgroup = CgroupGuard::new(&format!("sluice-{id}-proxy"))?;
         let mut pod = PodCapture::new(PodUid::parse(&format!("pod-{id}"))?, pod_ns.path());
         pod.cgroup = Some(pod_cgroup.path.clone());
-        Ok(Self { id, backend, capture: None, pod, pins: None, pod_cgroup, proxy_cgroup, pod_ns, peer_ns })
+        Ok(Self {
+            id,
+            backend,
+            capture: None,
+            pod,
+            pins: None,
+            pod_cgroup,
+            proxy_cgroup,
+            pod_ns,
+            peer_ns,
+        })
     }
 
     /// A server process inside the pod (inbound capture is per netns).
     pub fn in_pod(&self) -> Placement {
-        Placement { netns: self.pod_ns.path(), cgroup: None }
+        Placement {
+            netns: self.pod_ns.path(),
+            cgroup: None,
+        }
     }
 
     /// A client process of the pod: its netns and its cgroup (outbound capture is per cgroup).
     pub fn in_pod_cgroup(&self) -> Placement {
-        Placement { netns: self.pod_ns.path(), cgroup: Some(self.pod_cgroup.path.clone()) }
+        Placement {
+            netns: self.pod_ns.path(),
+            cgroup: Some(self.pod_cgroup.path.clone()),
+        }
     }
 
     /// A process on the peer host, outside the mesh.
     pub fn in_peer(&self) -> Placement {
-        Placement { netns: self.peer_ns.path(), cgroup: None }
+        Placement {
+            netns: self.peer_ns.path(),
+            cgroup: None,
+        }
     }
 
     /// The lab's own pin root, so labs never share BPF maps.
@@ -183,7 +243,9 @@ impl Lab {
         Ok(match self.backend {
             Backend::Ebpf => {
                 if self.pins.is_none() {
-                    self.pins = Some(PinRootGuard { path: self.pin_root() });
+                    self.pins = Some(PinRootGuard {
+                        path: self.pin_root(),
+                    });
                 }
                 let mut capture = EbpfCapture::load(self.pin_root())?;
                 capture.attach_proxy(&self.proxy_cgroup.path)?;

@@ -58,7 +58,10 @@ fn main() -> Result<()> {
         Cmd::Bench { which } => sluice_lab::bench::run(which),
         Cmd::App(App::Serve { listen }) => sluice_lab::app::serve(&listen),
         Cmd::App(App::Connect { to, bytes }) => {
-            println!("{}", serde_json::to_string(&sluice_lab::app::connect(to, bytes))?);
+            println!(
+                "{}",
+                serde_json::to_string(&sluice_lab::app::connect(to, bytes))?
+            );
             Ok(())
         }
         Cmd::App(App::Connrate { to, seconds, max }) => {

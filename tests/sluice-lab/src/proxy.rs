@@ -29,13 +29,19 @@ impl ProxyProcess {
             .arg("--pin-root")
             .arg(lab.pin_root())
             .args(extra)
-            .env("RUST_LOG", std::env::var("SLUICE_LAB_PROXY_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("SLUICE_LAB_PROXY_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().context("spawn sluice-proxy")?;
         let stdout = child.stdout.take().context("proxy stdout")?;
         let stderr = child.stderr.take().context("proxy stderr")?;
-        let mut process = ProcessGuard { child, name: "sluice-proxy".into() };
+        let mut process = ProcessGuard {
+            child,
+            name: "sluice-proxy".into(),
+        };
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = log.clone();
         std::thread::spawn(move || {
@@ -71,11 +77,18 @@ impl ProxyProcess {
     pub fn wait_for_log(&self, needles: &[&str]) -> Result<String> {
         let deadline = Instant::now() + WAIT;
         while Instant::now() < deadline {
-            if let Some(line) = self.log().into_iter().find(|l| needles.iter().all(|n| l.contains(n))) {
+            if let Some(line) = self
+                .log()
+                .into_iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
                 return Ok(line);
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        bail!("no proxy log line with {needles:?} within {WAIT:?}; log:\n{}", self.log().join("\n"))
+        bail!(
+            "no proxy log line with {needles:?} within {WAIT:?}; log:\n{}",
+            self.log().join("\n")
+        )
     }
 }

@@ -25,13 +25,19 @@ pub enum CopyMode {
 const PIPE_SIZE: usize = 256 * 1024;
 
 /// Bytes moved in each direction: (a → b, b → a).
-pub async fn bidirectional(mode: CopyMode, a: &mut TcpStream, b: &mut TcpStream) -> io::Result<(u64, u64)> {
+pub async fn bidirectional(
+    mode: CopyMode,
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+) -> io::Result<(u64, u64)> {
     match mode {
         CopyMode::Splice => {
             let (a, b) = (&*a, &*b);
             tokio::try_join!(splice_one_way(a, b), splice_one_way(b, a))
         }
-        CopyMode::Buffered => tokio::io::copy_bidirectional_with_sizes(a, b, 64 * 1024, 64 * 1024).await,
+        CopyMode::Buffered => {
+            tokio::io::copy_bidirectional_with_sizes(a, b, 64 * 1024, 64 * 1024).await
+        }
     }
 }
 
@@ -42,7 +48,9 @@ async fn splice_one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
     loop {
         let n = loop {
             src.readable().await?;
-            match src.try_io(Interest::READABLE, || splice(src.as_raw_fd(), pipe.write.as_raw_fd(), pipe.size)) {
+            match src.try_io(Interest::READABLE, || {
+                splice(src.as_raw_fd(), pipe.write.as_raw_fd(), pipe.size)
+            }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -56,7 +64,9 @@ async fn splice_one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
         let mut left = n;
         while left > 0 {
             dst.writable().await?;
-            match dst.try_io(Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), left)) {
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), left)
+            }) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -101,7 +111,13 @@ impl Pipe {
         // SAFETY: pipe2 succeeded, so both fds are fresh and owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // SAFETY: F_SETPIPE_SZ takes an int argument. Failing leaves the default size (64 KiB).
-        let set = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        let set = unsafe {
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_SIZE as libc::c_int,
+            )
+        };
         let size = if set > 0 { set as usize } else { 64 * 1024 };
         Ok(Self { read, write, size })
     }

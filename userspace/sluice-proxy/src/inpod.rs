@@ -79,20 +79,41 @@ impl PodProxy {
             .or_else(|_| socket::listen_in(&netns, socket::inbound_any_v4(), false))
             .with_context(|| format!("listen on :{PORT_INBOUND} in {}", where_()))?;
         let netns_cookie = match sockets {
-            Some(map) => Some(map.register(&inbound).with_context(|| format!("register the inbound listener of {}", where_()))?),
+            Some(map) => Some(
+                map.register(&inbound)
+                    .with_context(|| format!("register the inbound listener of {}", where_()))?,
+            ),
             None => None,
         };
 
         let (closing, _) = watch::channel(false);
-        let ctx = Arc::new(PodContext { uid: uid.clone(), netns, copy, stats });
+        let ctx = Arc::new(PodContext {
+            uid: uid.clone(),
+            netns,
+            copy,
+            stats,
+        });
         let mut accept_loops = JoinSet::new();
-        let mut listeners = vec![(outbound4, Direction::Outbound), (inbound, Direction::Inbound)];
+        let mut listeners = vec![
+            (outbound4, Direction::Outbound),
+            (inbound, Direction::Inbound),
+        ];
         listeners.extend(outbound6.map(|l| (l, Direction::Outbound)));
         for (listener, direction) in listeners {
-            accept_loops.spawn(accept_loop(listener, direction, ctx.clone(), closing.subscribe()));
+            accept_loops.spawn(accept_loop(
+                listener,
+                direction,
+                ctx.clone(),
+                closing.subscribe(),
+            ));
         }
         info!(pod = %uid, netns_cookie, "pod listeners up");
-        Ok(Self { uid, netns_cookie, accept_loops, closing })
+        Ok(Self {
+            uid,
+            netns_cookie,
+            accept_loops,
+            closing,
+        })
     }
 
     /// Stops serving the pod and withdraws its eBPF registration.
@@ -114,7 +135,12 @@ impl Drop for PodProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, direction: Direction, ctx: Arc<PodContext>, closing: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    direction: Direction,
+    ctx: Arc<PodContext>,
+    closing: watch::Receiver<bool>,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -173,8 +199,12 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
     match result {
         Ok((sent, received)) => {
             Stats::incr(&stats.completed);
-            stats.bytes_out.fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
-            stats.bytes_in.fetch_add(received, std::sync::atomic::Ordering::Relaxed);
+            stats
+                .bytes_out
+                .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
+            stats
+                .bytes_in
+                .fetch_add(received, std::sync::atomic::Ordering::Relaxed);
             info!(target: "access", dst = %dst, bytes_sent = sent, bytes_received = received, duration_ms, "connection closed");
         }
         Err(e) => {

@@ -52,9 +52,9 @@ struct Args {
 }
 
 fn parse_pod(arg: &str) -> Result<(PodUid, PathBuf), String> {
-    let (uid, netns) = arg
-        .split_once('=')
-        .ok_or_else(|| format!("{arg:?}: expected UID=NETNS_PATH, e.g. pod-1=/var/run/netns/pod-1"))?;
+    let (uid, netns) = arg.split_once('=').ok_or_else(|| {
+        format!("{arg:?}: expected UID=NETNS_PATH, e.g. pod-1=/var/run/netns/pod-1")
+    })?;
     let uid = PodUid::parse(uid).map_err(|e| e.to_string())?;
     if netns.is_empty() {
         return Err(format!("{arg:?}: the netns path is empty"));
@@ -74,7 +74,9 @@ fn main() -> Result<()> {
         sluice_capture::cgroup::join(cgroup, std::process::id())
             .with_context(|| format!("join cgroup {}", cgroup.display()))?;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(run(args))
 }
 
@@ -83,8 +85,15 @@ async fn run(args: Args) -> Result<()> {
     let mut sockets = InboundSocketMap::open(&args.pin_root)?;
     let mut pods = Vec::new();
     for (uid, netns_path) in &args.pods {
-        let netns = Netns::open(netns_path).with_context(|| format!("open netns {} of pod {uid}", netns_path.display()))?;
-        pods.push(PodProxy::start(uid.clone(), netns, sockets.as_mut(), args.copy, stats.clone())?);
+        let netns = Netns::open(netns_path)
+            .with_context(|| format!("open netns {} of pod {uid}", netns_path.display()))?;
+        pods.push(PodProxy::start(
+            uid.clone(),
+            netns,
+            sockets.as_mut(),
+            args.copy,
+            stats.clone(),
+        )?);
     }
     if pods.is_empty() {
         bail!("no pods to serve; pass --pod UID=NETNS_PATH");
@@ -96,14 +105,21 @@ async fn run(args: Args) -> Result<()> {
     for pod in pods {
         pod.stop(sockets.as_mut());
     }
-    let counters: Vec<String> = stats.snapshot().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let counters: Vec<String> = stats
+        .snapshot()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     info!(stats = %counters.join(" "), "sluice-proxy stopped");
     Ok(())
 }
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -122,7 +138,10 @@ fn init_logging(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(false);
     if json {
         builder.json().init();
     } else {

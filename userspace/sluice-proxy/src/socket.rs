@@ -19,7 +19,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Creates a listening socket inside `netns`. `dual_stack` listeners on `[::]` also take IPv4.
 pub fn listen_in(netns: &Netns, addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
-    let socket = netns.run(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))??;
+    let socket = netns
+        .run(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))??;
     if addr.is_ipv6() {
         socket.set_only_v6(!dual_stack)?;
     }
@@ -33,14 +34,18 @@ pub fn listen_in(netns: &Netns, addr: SocketAddr, dual_stack: bool) -> io::Resul
 /// Connects to `dst` from inside `netns`, marked so the iptables rules let the proxy's own
 /// traffic through (eBPF capture never sees it: the proxy is not in the pod's cgroup).
 pub async fn connect_in(netns: &Netns, dst: SocketAddr) -> io::Result<TcpStream> {
-    let socket = netns.run(|| Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)))??;
+    let socket = netns
+        .run(|| Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)))??;
     socket.set_mark(PROXY_MARK)?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
     let socket = TcpSocket::from_std_stream(socket.into());
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
         Ok(stream) => stream,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out"))),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect to {dst} timed out"),
+        )),
     }
 }
 
@@ -64,12 +69,23 @@ fn sockopt_addr(fd: BorrowedFd<'_>, level: libc::c_int) -> io::Result<SocketAddr
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: storage and len are valid for writes of the given size.
     let ret = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), level, SO_ORIGINAL_DST, std::ptr::from_mut(&mut storage).cast(), &mut len)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            SO_ORIGINAL_DST,
+            std::ptr::from_mut(&mut storage).cast(),
+            &mut len,
+        )
     };
     if ret != 0 {
         return Err(io::Error::last_os_error());
     }
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "SO_ORIGINAL_DST returned a malformed address");
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "SO_ORIGINAL_DST returned a malformed address",
+        )
+    };
     let addr = match i32::from(storage.ss_family) {
         libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
             // SAFETY: the family and length say the storage holds a sockaddr_in.
@@ -106,19 +122,35 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
 }
 
 pub fn outbound_v4() -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, sluice_capture::PORT_OUTBOUND))
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::LOCALHOST,
+        sluice_capture::PORT_OUTBOUND,
+    ))
 }
 
 pub fn outbound_v6() -> SocketAddr {
-    SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, sluice_capture::PORT_OUTBOUND, 0, 0))
+    SocketAddr::V6(SocketAddrV6::new(
+        Ipv6Addr::LOCALHOST,
+        sluice_capture::PORT_OUTBOUND,
+        0,
+        0,
+    ))
 }
 
 pub fn inbound_any_v6() -> SocketAddr {
-    SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, sluice_capture::PORT_INBOUND, 0, 0))
+    SocketAddr::V6(SocketAddrV6::new(
+        Ipv6Addr::UNSPECIFIED,
+        sluice_capture::PORT_INBOUND,
+        0,
+        0,
+    ))
 }
 
 pub fn inbound_any_v4() -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, sluice_capture::PORT_INBOUND))
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::UNSPECIFIED,
+        sluice_capture::PORT_INBOUND,
+    ))
 }
 
 #[cfg(test)]

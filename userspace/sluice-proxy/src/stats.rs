@@ -30,7 +30,10 @@ impl Stats {
             ("bytes_in", get(&self.bytes_in)),
             ("no_original_dst", get(&self.no_original_dst)),
             ("loop_refused", get(&self.loop_refused)),
-            ("upstream_connect_failed", get(&self.upstream_connect_failed)),
+            (
+                "upstream_connect_failed",
+                get(&self.upstream_connect_failed),
+            ),
             ("copy_failed", get(&self.copy_failed)),
         ]
     }

@@ -81,7 +81,9 @@ struct Args {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -99,12 +101,19 @@ fn main() -> Result<()> {
             println!("released {} ({})", pod.uid, args.backend);
         } else {
             redirector.enroll(&pod)?;
-            println!("capturing {} ({}) in {}", pod.uid, args.backend, pod.netns.display());
+            println!(
+                "capturing {} ({}) in {}",
+                pod.uid,
+                args.backend,
+                pod.netns.display()
+            );
         }
     }
     if let Some(cgroup) = &args.proxy_cgroup {
         if args.backend != Backend::Ebpf {
-            bail!("--proxy-cgroup is for the eBPF backend: iptables REDIRECT answers SO_ORIGINAL_DST itself");
+            bail!(
+                "--proxy-cgroup is for the eBPF backend: iptables REDIRECT answers SO_ORIGINAL_DST itself"
+            );
         }
         let mut capture = EbpfCapture::load(&args.pin_root)?;
         if args.detach {
@@ -118,13 +127,15 @@ fn main() -> Result<()> {
 }
 
 fn pod_capture(args: &Args, netns_arg: &str) -> Result<PodCapture> {
-    let netns = Netns::open_named_or_path(netns_arg).with_context(|| format!("open netns {netns_arg}"))?;
+    let netns =
+        Netns::open_named_or_path(netns_arg).with_context(|| format!("open netns {netns_arg}"))?;
     let default_uid = netns
         .path()
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let uid = PodUid::parse(args.pod.as_deref().unwrap_or(&default_uid)).context("--pod (or the netns name)")?;
+    let uid = PodUid::parse(args.pod.as_deref().unwrap_or(&default_uid))
+        .context("--pod (or the netns name)")?;
     let mut pod = PodCapture::new(uid, netns.path());
     pod.cgroup = args.cgroup.clone();
     pod.addrs = args.addrs.clone();
@@ -137,9 +148,14 @@ fn status(args: &Args) -> Result<()> {
     let pods = ebpf::list_pods(&args.pin_root)?;
     let verdicts = ebpf::verdicts(&args.pin_root)?;
     if args.json {
-        let counters: serde_json::Map<String, serde_json::Value> =
-            verdicts.iter().map(|(v, n)| (v.name().to_owned(), (*n).into())).collect();
-        println!("{}", serde_json::json!({ "pods": pods, "verdicts": counters }));
+        let counters: serde_json::Map<String, serde_json::Value> = verdicts
+            .iter()
+            .map(|(v, n)| (v.name().to_owned(), (*n).into()))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "pods": pods, "verdicts": counters })
+        );
         return Ok(());
     }
     println!("pinned pods under {}:", args.pin_root.display());

@@ -33,35 +33,59 @@ fn succeeded(outcome: &Outcome) -> Result<()> {
 }
 
 fn ip_of(addr: Option<&str>) -> String {
-    addr.and_then(|s| s.parse::<SocketAddr>().ok()).map(|a| a.ip().to_string()).unwrap_or_default()
+    addr.and_then(|s| s.parse::<SocketAddr>().ok())
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default()
 }
 
 /// Inbound: a client outside the mesh reaches the pod's app on arbitrary ports, via the proxy.
 pub fn inbound_to_any_port_reaches_the_app_through_the_proxy(backend: Backend) -> Result<()> {
     let (lab, proxy) = captured(backend)?;
-    let _server = app::spawn_server(&lab.in_pod(), &[addr(Ipv4Addr::UNSPECIFIED, 8080), addr(Ipv4Addr::UNSPECIFIED, 31337)])?;
+    let _server = app::spawn_server(
+        &lab.in_pod(),
+        &[
+            addr(Ipv4Addr::UNSPECIFIED, 8080),
+            addr(Ipv4Addr::UNSPECIFIED, 31337),
+        ],
+    )?;
     for port in [8080, 31337] {
         let outcome = app::run_client(&lab.in_peer(), addr(POD_IP, port), MIB)?;
         succeeded(&outcome)?;
-        ensure!(outcome.echoed == MIB, "1 MiB should come back intact: {outcome:?}");
+        ensure!(
+            outcome.echoed == MIB,
+            "1 MiB should come back intact: {outcome:?}"
+        );
         ensure!(
             ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(),
             "port {port}: the app should see the proxy's in-pod connection from {POD_IP}, saw {:?} (not captured?)",
             outcome.server_saw
         );
-        proxy.wait_for_log(&["direction=\"inbound\"", &format!("dst={POD_IP}:{port}"), "connection closed"])?;
+        proxy.wait_for_log(&[
+            "direction=\"inbound\"",
+            &format!("dst={POD_IP}:{port}"),
+            "connection closed",
+        ])?;
     }
     Ok(())
 }
 
 /// Outbound: the pod's app reaches a server outside via the proxy and still sees the real peer.
-pub fn outbound_reaches_the_server_through_the_proxy_and_the_app_sees_the_real_peer(backend: Backend) -> Result<()> {
+pub fn outbound_reaches_the_server_through_the_proxy_and_the_app_sees_the_real_peer(
+    backend: Backend,
+) -> Result<()> {
     let (lab, proxy) = captured(backend)?;
     let _server = app::spawn_server(&lab.in_peer(), &[addr(PEER_IP, 9090)])?;
     let outcome = app::run_client(&lab.in_pod_cgroup(), addr(PEER_IP, 9090), MIB)?;
     succeeded(&outcome)?;
-    ensure!(outcome.echoed == MIB, "1 MiB should come back intact: {outcome:?}");
-    ensure!(outcome.peer.as_deref() == Some("10.99.0.1:9090"), "getpeername() must be the real server, got {:?}", outcome.peer);
+    ensure!(
+        outcome.echoed == MIB,
+        "1 MiB should come back intact: {outcome:?}"
+    );
+    ensure!(
+        outcome.peer.as_deref() == Some("10.99.0.1:9090"),
+        "getpeername() must be the real server, got {:?}",
+        outcome.peer
+    );
     // eBPF rewrites the destination before the source address is chosen, so the app's socket
     // is on loopback; an iptables REDIRECT in OUTPUT keeps the source picked for the pod's route.
     if backend == Backend::Ebpf {
@@ -71,8 +95,15 @@ pub fn outbound_reaches_the_server_through_the_proxy_and_the_app_sees_the_real_p
             outcome.local
         );
     }
-    ensure!(ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(), "the server should see the pod's address: {outcome:?}");
-    proxy.wait_for_log(&["direction=\"outbound\"", "dst=10.99.0.1:9090", "connection closed"])?;
+    ensure!(
+        ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(),
+        "the server should see the pod's address: {outcome:?}"
+    );
+    proxy.wait_for_log(&[
+        "direction=\"outbound\"",
+        "dst=10.99.0.1:9090",
+        "connection closed",
+    ])?;
     Ok(())
 }
 
@@ -82,7 +113,10 @@ pub fn hbone_port_and_loopback_are_not_captured(backend: Backend) -> Result<()> 
     let _hbone = app::spawn_server(&lab.in_pod(), &[addr(POD_IP, 15008)])?;
     let outcome = app::run_client(&lab.in_peer(), addr(POD_IP, 15008), 4096)?;
     succeeded(&outcome)?;
-    ensure!(ip_of(outcome.server_saw.as_deref()) == PEER_IP.to_string(), "15008 must reach the pod directly: {outcome:?}");
+    ensure!(
+        ip_of(outcome.server_saw.as_deref()) == PEER_IP.to_string(),
+        "15008 must reach the pod directly: {outcome:?}"
+    );
 
     let _local = app::spawn_server(&lab.in_pod(), &[addr(Ipv4Addr::LOCALHOST, 8082)])?;
     let outcome = app::run_client(&lab.in_pod_cgroup(), addr(Ipv4Addr::LOCALHOST, 8082), 4096)?;
@@ -103,25 +137,42 @@ pub fn excluded_ports_are_not_captured(backend: Backend) -> Result<()> {
     lab.pod.exclude_outbound_ports = vec![5432];
     lab.capture()?;
     let _proxy = ProxyProcess::start(&lab, &[])?;
-    let _pod_server = app::spawn_server(&lab.in_pod(), &[addr(Ipv4Addr::UNSPECIFIED, 2222), addr(Ipv4Addr::UNSPECIFIED, 2223)])?;
+    let _pod_server = app::spawn_server(
+        &lab.in_pod(),
+        &[
+            addr(Ipv4Addr::UNSPECIFIED, 2222),
+            addr(Ipv4Addr::UNSPECIFIED, 2223),
+        ],
+    )?;
     let _peer_server = app::spawn_server(&lab.in_peer(), &[addr(PEER_IP, 5432)])?;
 
     let excluded = app::run_client(&lab.in_peer(), addr(POD_IP, 2222), 1024)?;
     succeeded(&excluded)?;
-    ensure!(ip_of(excluded.server_saw.as_deref()) == PEER_IP.to_string(), "inbound 2222 is excluded: {excluded:?}");
+    ensure!(
+        ip_of(excluded.server_saw.as_deref()) == PEER_IP.to_string(),
+        "inbound 2222 is excluded: {excluded:?}"
+    );
     let captured = app::run_client(&lab.in_peer(), addr(POD_IP, 2223), 1024)?;
     succeeded(&captured)?;
-    ensure!(ip_of(captured.server_saw.as_deref()) == POD_IP.to_string(), "inbound 2223 is captured: {captured:?}");
+    ensure!(
+        ip_of(captured.server_saw.as_deref()) == POD_IP.to_string(),
+        "inbound 2223 is captured: {captured:?}"
+    );
 
     let outbound = app::run_client(&lab.in_pod_cgroup(), addr(PEER_IP, 5432), 1024)?;
     succeeded(&outbound)?;
-    ensure!(ip_of(outbound.local.as_deref()) == POD_IP.to_string(), "outbound 5432 is excluded: {outbound:?}");
+    ensure!(
+        ip_of(outbound.local.as_deref()) == POD_IP.to_string(),
+        "outbound 5432 is excluded: {outbound:?}"
+    );
     Ok(())
 }
 
 /// Fail closed: with the proxy gone nothing reaches the app or leaves the pod; a new proxy
 /// serves the pod again without re-enrolling it.
-pub fn proxy_stopped_refuses_traffic_and_restarted_proxy_serves_it_again(backend: Backend) -> Result<()> {
+pub fn proxy_stopped_refuses_traffic_and_restarted_proxy_serves_it_again(
+    backend: Backend,
+) -> Result<()> {
     let (lab, mut proxy) = captured(backend)?;
     let _pod_server = app::spawn_server(&lab.in_pod(), &[addr(Ipv4Addr::UNSPECIFIED, 8080)])?;
     let _peer_server = app::spawn_server(&lab.in_peer(), &[addr(PEER_IP, 9090)])?;
@@ -129,15 +180,28 @@ pub fn proxy_stopped_refuses_traffic_and_restarted_proxy_serves_it_again(backend
 
     proxy.kill();
     let inbound = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 1024)?;
-    ensure!(!inbound.ok, "inbound must be refused with the proxy down, but it connected: {inbound:?}");
+    ensure!(
+        !inbound.ok,
+        "inbound must be refused with the proxy down, but it connected: {inbound:?}"
+    );
     let outbound = app::run_client(&lab.in_pod_cgroup(), addr(PEER_IP, 9090), 1024)?;
-    ensure!(!outbound.ok, "outbound must be refused with the proxy down, but it connected: {outbound:?}");
+    ensure!(
+        !outbound.ok,
+        "outbound must be refused with the proxy down, but it connected: {outbound:?}"
+    );
 
     let _proxy = ProxyProcess::start(&lab, &[])?;
     let inbound = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 1024)?;
     succeeded(&inbound)?;
-    ensure!(ip_of(inbound.server_saw.as_deref()) == POD_IP.to_string(), "captured again: {inbound:?}");
-    succeeded(&app::run_client(&lab.in_pod_cgroup(), addr(PEER_IP, 9090), 1024)?)?;
+    ensure!(
+        ip_of(inbound.server_saw.as_deref()) == POD_IP.to_string(),
+        "captured again: {inbound:?}"
+    );
+    succeeded(&app::run_client(
+        &lab.in_pod_cgroup(),
+        addr(PEER_IP, 9090),
+        1024,
+    )?)?;
     Ok(())
 }
 
@@ -149,17 +213,27 @@ pub fn loader_restart_keeps_capture_and_adopts_the_pod(backend: Backend) -> Resu
     drop(lab.capture.take());
     let outcome = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 4096)?;
     succeeded(&outcome)?;
-    ensure!(ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(), "still captured after the loader exited: {outcome:?}");
+    ensure!(
+        ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(),
+        "still captured after the loader exited: {outcome:?}"
+    );
 
     let mut reloaded = lab.load_backend()?;
     if backend == Backend::Ebpf {
         let pods = ebpf::list_pods(&lab.pin_root())?;
-        ensure!(pods.iter().any(|p| p.uid == lab.pod.uid.as_str() && p.links.len() == 6), "the reloaded loader should see the pod's 6 links: {pods:?}");
+        ensure!(
+            pods.iter()
+                .any(|p| p.uid == lab.pod.uid.as_str() && p.links.len() == 6),
+            "the reloaded loader should see the pod's 6 links: {pods:?}"
+        );
     }
     reloaded.remove(&lab.pod)?;
     let outcome = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 4096)?;
     succeeded(&outcome)?;
-    ensure!(ip_of(outcome.server_saw.as_deref()) == PEER_IP.to_string(), "released by the new loader: {outcome:?}");
+    ensure!(
+        ip_of(outcome.server_saw.as_deref()) == PEER_IP.to_string(),
+        "released by the new loader: {outcome:?}"
+    );
     Ok(())
 }
 
@@ -171,14 +245,21 @@ pub fn enrol_twice_and_remove_unknown_succeed(backend: Backend) -> Result<()> {
     capture.enroll(&lab.pod).context("second enrol")?;
     let outcome = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 4096)?;
     succeeded(&outcome)?;
-    ensure!(ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(), "captured once, not broken by enrolling twice: {outcome:?}");
+    ensure!(
+        ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(),
+        "captured once, not broken by enrolling twice: {outcome:?}"
+    );
 
     let mut unknown = lab.pod.clone();
     unknown.uid = sluice_capture::PodUid::parse("never-enrolled")?;
     unknown.netns = "/var/run/netns/sluice-does-not-exist".into();
-    capture.remove(&unknown).context("removing an unknown pod succeeds")?;
+    capture
+        .remove(&unknown)
+        .context("removing an unknown pod succeeds")?;
     capture.remove(&lab.pod)?;
-    capture.remove(&lab.pod).context("removing twice succeeds")?;
+    capture
+        .remove(&lab.pod)
+        .context("removing twice succeeds")?;
     Ok(())
 }
 
@@ -191,17 +272,32 @@ pub fn release_restores_direct_traffic_and_leaves_nothing_behind(backend: Backen
 
     let inbound = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 4096)?;
     succeeded(&inbound)?;
-    ensure!(ip_of(inbound.server_saw.as_deref()) == PEER_IP.to_string(), "inbound is direct after release: {inbound:?}");
+    ensure!(
+        ip_of(inbound.server_saw.as_deref()) == PEER_IP.to_string(),
+        "inbound is direct after release: {inbound:?}"
+    );
     let outbound = app::run_client(&lab.in_pod_cgroup(), addr(PEER_IP, 9090), 4096)?;
     succeeded(&outbound)?;
-    ensure!(ip_of(outbound.local.as_deref()) == POD_IP.to_string(), "outbound is direct after release: {outbound:?}");
+    ensure!(
+        ip_of(outbound.local.as_deref()) == POD_IP.to_string(),
+        "outbound is direct after release: {outbound:?}"
+    );
 
     let rules = lab.pod_ns.output(&["iptables-save"])? + &lab.pod_ns.output(&["ip6tables-save"])?;
-    ensure!(!rules.contains("ISTIO_"), "iptables rules left in the pod:\n{rules}");
+    ensure!(
+        !rules.contains("ISTIO_"),
+        "iptables rules left in the pod:\n{rules}"
+    );
     let ip_rules = lab.pod_ns.output(&["ip", "rule"])?;
-    ensure!(!ip_rules.contains("0x111"), "policy routing rule left in the pod:\n{ip_rules}");
+    ensure!(
+        !ip_rules.contains("0x111"),
+        "policy routing rule left in the pod:\n{ip_rules}"
+    );
     if backend == Backend::Ebpf {
-        ensure!(ebpf::list_pods(&lab.pin_root())?.is_empty(), "the pod is still recorded in the pins");
+        ensure!(
+            ebpf::list_pods(&lab.pin_root())?.is_empty(),
+            "the pod is still recorded in the pins"
+        );
         let pod_dir = lab.pin_root().join("pods").join(lab.pod.uid.as_str());
         ensure!(!pod_dir.exists(), "link pins left at {}", pod_dir.display());
     }

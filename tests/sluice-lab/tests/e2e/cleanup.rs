@@ -25,8 +25,16 @@ fn a_dropped_lab_removes_its_namespaces_cgroups_pins_and_processes() {
             assert!(!netns_exists(name), "netns {name} left behind ({backend})");
         }
         for cgroup in &cgroups {
-            assert!(!cgroup.exists(), "cgroup {} left behind ({backend})", cgroup.display());
+            assert!(
+                !cgroup.exists(),
+                "cgroup {} left behind ({backend})",
+                cgroup.display()
+            );
         }
-        assert!(!pins.exists(), "pins left at {} ({backend})", pins.display());
+        assert!(
+            !pins.exists(),
+            "pins left at {} ({backend})",
+            pins.display()
+        );
     }
 }

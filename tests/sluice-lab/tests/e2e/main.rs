@@ -13,7 +13,10 @@ use sluice_capture::Backend;
 fn require_root() {
     // SAFETY: geteuid cannot fail.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "the end-to-end tests need root (netns, cgroups, BPF); run `sudo cargo xtask test`");
+    assert_eq!(
+        euid, 0,
+        "the end-to-end tests need root (netns, cgroups, BPF); run `sudo cargo xtask test`"
+    );
     sluice_lab::app::set_binary(env!("CARGO_BIN_EXE_sluice-lab"));
 }
 
