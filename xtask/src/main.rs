@@ -68,14 +68,54 @@ fn wants_help(args: &[String]) -> bool {
 }
 
 /// The README's test command: every tier, nothing skipped. The end-to-end tests spawn the
-/// workspace's binaries, so those are built first in the same profile.
+/// workspace's binaries, so those are built first in the same profile. Ends with one total line,
+/// `N passed, N failed`, summed over every test binary.
 fn test(extra: &[String]) -> Result<()> {
     setup::ensure()?;
     require_root("the netns and BPF tests create namespaces, cgroups and BPF links")?;
     cargo(&["build", "--workspace", "--bins"])?;
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
-    cargo(&args)
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+        .args(&args)
+        .current_dir(setup::workspace_root()?)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("run cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some((p, f)) = parse_test_result(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("tests failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Reads cargo's `test result: ok. 9 passed; 0 failed; ...` summary.
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split(';').find_map(|part| {
+            part.trim()
+                .strip_suffix(word)
+                .map(str::trim)
+                .and_then(|n| n.rsplit(' ').next()?.parse::<u64>().ok())
+        })
+    };
+    Some((count(" passed")?, count(" failed")?))
 }
 
 fn run_release_bin(package: &str, bin: &str, args: &[String]) -> Result<()> {
@@ -120,4 +160,22 @@ fn require_root(why: &str) -> Result<()> {
 unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn reads_cargo_test_summaries() {
+        assert_eq!(
+            parse_test_result("test result: ok. 17 passed; 0 failed; 0 ignored; 0 measured"),
+            Some((17, 0))
+        );
+        assert_eq!(
+            parse_test_result("test result: FAILED. 9 passed; 8 failed; 0 ignored"),
+            Some((9, 8))
+        );
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
 }
