@@ -11,7 +11,7 @@
 //! in between leaves a record that the next `remove` or `enroll` cleans up.
 
 use std::fs::File;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
@@ -127,6 +127,41 @@ impl EbpfCapture {
     /// The pods enrolled under this pin root.
     pub fn pods(&self) -> Result<Vec<EnrolledPod>, CaptureError> {
         list_pods(&self.root)
+    }
+
+    /// Runs `steer_inbound` once, through `BPF_PROG_TEST_RUN` (Linux 5.14), on a synthetic TCP
+    /// SYN from `src` to `dst`, against the live maps: what would inbound capture do with it?
+    /// Counts in the verdict counters like real traffic.
+    pub fn simulate_inbound(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<InboundDecision, CaptureError> {
+        let prog = self
+            .ebpf
+            .program(programs::STEER_INBOUND)
+            .ok_or(CaptureError::Program {
+                program: programs::STEER_INBOUND,
+                source: aya::programs::ProgramError::NotLoaded,
+            })?;
+        let fd = prog.fd().map_err(|source| CaptureError::Program {
+            program: programs::STEER_INBOUND,
+            source,
+        })?;
+        let mut ctx = sk_lookup_ctx(src, dst);
+        let action = sys::prog_test_run_ctx(fd.as_fd(), &mut ctx).map_err(|source| {
+            CaptureError::Attach {
+                program: programs::STEER_INBOUND,
+                target: PathBuf::from("BPF_PROG_TEST_RUN"),
+                source,
+            }
+        })?;
+        let cookie = u64::from_ne_bytes(ctx[..8].try_into().unwrap_or_default());
+        Ok(match (action, cookie) {
+            (SK_DROP, _) => InboundDecision::Refused,
+            (_, 0) => InboundDecision::Passed,
+            (_, socket_cookie) => InboundDecision::Steered { socket_cookie },
+        })
     }
 
     fn enroll_pod(&mut self, pod: &PodCapture) -> Result<(), CaptureError> {
@@ -323,6 +358,45 @@ impl EbpfCapture {
         })?;
         T::try_from(map).map_err(map_err(name))
     }
+}
+
+/// What `steer_inbound` decided for one lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundDecision {
+    /// Handed to the socket with this cookie (the proxy's 15006 listener).
+    Steered { socket_cookie: u64 },
+    /// Left to the normal socket lookup (not captured).
+    Passed,
+    /// Refused: the pod is captured but its proxy socket is missing.
+    Refused,
+}
+
+const SK_DROP: u32 = 0;
+const IPPROTO_TCP: u32 = 6;
+
+/// A `struct bpf_sk_lookup` for a TCP SYN, as the kernel's test run expects it: no socket,
+/// no ingress interface, addresses in network byte order, remote port big endian, local port
+/// host order.
+fn sk_lookup_ctx(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let mut ctx = vec![0u8; 72];
+    let put = |ctx: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+        ctx[at..at + bytes.len()].copy_from_slice(bytes)
+    };
+    let (src_key, dst_key) = (addr_key(src.ip()), addr_key(dst.ip()));
+    put(&mut ctx, 8, &dst_key.family.to_ne_bytes());
+    put(&mut ctx, 12, &IPPROTO_TCP.to_ne_bytes());
+    if dst_key.family == sluice_common::AF_INET {
+        put(&mut ctx, 16, &src_key.addr[0].to_ne_bytes());
+        put(&mut ctx, 40, &dst_key.addr[0].to_ne_bytes());
+    } else {
+        for i in 0..4 {
+            put(&mut ctx, 20 + 4 * i, &src_key.addr[i].to_ne_bytes());
+            put(&mut ctx, 44 + 4 * i, &dst_key.addr[i].to_ne_bytes());
+        }
+    }
+    put(&mut ctx, 36, &src.port().to_be_bytes());
+    put(&mut ctx, 60, &u32::from(dst.port()).to_ne_bytes());
+    ctx
 }
 
 impl Redirector for EbpfCapture {

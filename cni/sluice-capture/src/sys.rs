@@ -12,6 +12,7 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 /// `enum bpf_attach_type` values sluice uses.
 #[derive(Clone, Copy, Debug)]
@@ -53,6 +54,45 @@ struct ObjAttr {
 struct LinkDetachAttr {
     link_fd: u32,
     pad: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    pad: u32,
+}
+
+/// Runs a loaded program once on a synthetic context (`BPF_PROG_TEST_RUN`, context-only program
+/// types such as sk_lookup); returns the program's return value, `ctx` holds the context after.
+pub fn prog_test_run_ctx(prog: BorrowedFd<'_>, ctx: &mut [u8]) -> io::Result<u32> {
+    let mut out = vec![0u8; ctx.len()];
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        repeat: 1,
+        ctx_size_in: ctx.len() as u32,
+        ctx_size_out: out.len() as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        ctx_out: out.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    ctx.copy_from_slice(&out);
+    Ok(attr.retval)
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {

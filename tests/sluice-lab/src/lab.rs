@@ -1,7 +1,7 @@
 //! Guards for the kernel objects a lab creates. Each guard removes its object on drop, in the
 //! reverse order of creation (processes, then capture, then cgroups and namespaces).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -135,6 +135,9 @@ impl Drop for PinRootGuard {
 /// so every lab can use the same addresses.
 pub const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 pub const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+/// IPv6 addresses added by [`Lab::add_ipv6`].
+pub const PEER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
+pub const POD_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 2);
 
 /// Two network namespaces joined by a veth pair: `pod` (the captured workload) and `peer` (a
 /// client or server outside the mesh), plus the pod's and the proxy's cgroups.
@@ -199,6 +202,33 @@ impl Lab {
             pod_ns,
             peer_ns,
         })
+    }
+
+    /// Gives both hosts an IPv6 address on their link too (before [`Lab::capture`], so the
+    /// pod's address list includes it). `nodad`: usable at once, no duplicate detection wait.
+    pub fn add_ipv6(&self) -> Result<()> {
+        let (pod_if, peer_if) = (format!("sl{}p", self.id), format!("sl{}q", self.id));
+        self.pod_ns.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{POD_IP6}/64"),
+            "dev",
+            &pod_if,
+            "nodad",
+        ])?;
+        self.peer_ns.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{PEER_IP6}/64"),
+            "dev",
+            &peer_if,
+            "nodad",
+        ])?;
+        Ok(())
     }
 
     /// A server process inside the pod (inbound capture is per netns).

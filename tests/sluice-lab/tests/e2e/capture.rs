@@ -4,13 +4,13 @@
 //! from the pod's own address (the proxy dials from inside the pod) instead of the client's, and
 //! the proxy logs it; a direct connection shows the client's real address on both ends.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use anyhow::{Context, Result, ensure};
 use sluice_capture::Backend;
 use sluice_capture::ebpf;
 use sluice_lab::app::{self, Outcome};
-use sluice_lab::lab::{Lab, PEER_IP, POD_IP};
+use sluice_lab::lab::{Lab, PEER_IP, PEER_IP6, POD_IP, POD_IP6};
 use sluice_lab::proxy::ProxyProcess;
 
 const MIB: u64 = 1024 * 1024;
@@ -301,5 +301,48 @@ pub fn release_restores_direct_traffic_and_leaves_nothing_behind(backend: Backen
         let pod_dir = lab.pin_root().join("pods").join(lab.pod.uid.as_str());
         ensure!(!pod_dir.exists(), "link pins left at {}", pod_dir.display());
     }
+    Ok(())
+}
+
+fn addr6(ip: Ipv6Addr, port: u16) -> SocketAddr {
+    SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0))
+}
+
+/// IPv6 is captured like IPv4, both ways, with the real peer visible to the app.
+pub fn ipv6_is_captured_both_ways(backend: Backend) -> Result<()> {
+    let mut lab = Lab::new(backend)?;
+    lab.add_ipv6()?;
+    lab.capture()?;
+    let proxy = ProxyProcess::start(&lab, &[])?;
+    let _pod_server = app::spawn_server(&lab.in_pod(), &[addr6(Ipv6Addr::UNSPECIFIED, 8080)])?;
+    let _peer_server = app::spawn_server(&lab.in_peer(), &[addr6(PEER_IP6, 9090)])?;
+
+    let inbound = app::run_client(&lab.in_peer(), addr6(POD_IP6, 8080), MIB)?;
+    succeeded(&inbound)?;
+    ensure!(
+        ip_of(inbound.server_saw.as_deref()) == POD_IP6.to_string(),
+        "inbound IPv6 goes through the proxy: {inbound:?}"
+    );
+    proxy.wait_for_log(&[
+        "direction=\"inbound\"",
+        &format!("dst=[{POD_IP6}]:8080"),
+        "connection closed",
+    ])?;
+
+    let outbound = app::run_client(&lab.in_pod_cgroup(), addr6(PEER_IP6, 9090), MIB)?;
+    succeeded(&outbound)?;
+    ensure!(
+        outbound.peer.as_deref() == Some(&*format!("[{PEER_IP6}]:9090")),
+        "getpeername() must be the real IPv6 server: {outbound:?}"
+    );
+    ensure!(
+        outbound.echoed == MIB,
+        "1 MiB intact over IPv6: {outbound:?}"
+    );
+    proxy.wait_for_log(&[
+        "direction=\"outbound\"",
+        &format!("dst=[{PEER_IP6}]:9090"),
+        "connection closed",
+    ])?;
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! Every scenario runs once per capture backend: the `ebpf` and `iptables` modules below are
 //! generated from the same list, so the two backends are held to the same behaviour.
 
+mod bpf;
 mod capture;
 mod cleanup;
 
@@ -40,4 +41,5 @@ for_both_backends!(
     loader_restart_keeps_capture_and_adopts_the_pod,
     enrol_twice_and_remove_unknown_succeed,
     release_restores_direct_traffic_and_leaves_nothing_behind,
+    ipv6_is_captured_both_ways,
 );
