@@ -145,6 +145,18 @@ impl IptablesCapture {
     }
 
     fn apply(&self, netns: &Netns, pod: &PodCapture) -> Result<(), CaptureError> {
+        // The reply route for marked connections goes via `lo`; the kernel refuses it while `lo`
+        // is down. Pods always have it up; a netns made by hand with `ip netns add` does not.
+        let lo = run(netns, "ip", &["-o", "link", "show", "dev", "lo"], None)?;
+        let lo = String::from_utf8_lossy(&lo.stdout);
+        let flags = lo.split(['<', '>']).nth(1).unwrap_or("");
+        if !flags.split(',').any(|f| f == "UP") {
+            return Err(CaptureError::Command {
+                command: "check lo".into(),
+                netns: netns.path().to_path_buf(),
+                stderr: "the loopback interface is down; bring it up first (ip netns exec NAME ip link set lo up)".into(),
+            });
+        }
         self.clear(netns)?;
         for family in [Family::V4, Family::V6] {
             run(
