@@ -101,10 +101,6 @@ impl EbpfCapture {
         Ok(Self { ebpf, root })
     }
 
-    pub fn pin_root(&self) -> &Path {
-        &self.root
-    }
-
     /// Attaches the `SO_ORIGINAL_DST` emulation to the proxy's cgroup. The proxy must join that
     /// cgroup before it creates its listeners: a socket's cgroup is fixed when it is created.
     pub fn attach_proxy(&mut self, cgroup: &Path) -> Result<(), CaptureError> {

@@ -8,7 +8,6 @@ use std::fs::File;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,18 +44,8 @@ impl Netns {
         }
     }
 
-    /// The netns of the calling thread.
-    pub fn current() -> io::Result<Self> {
-        Self::open("/proc/thread-self/ns/net")
-    }
-
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// The namespace's inode: equal inodes mean the same namespace.
-    pub fn inode(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.ino())
     }
 
     /// Runs `f` with the calling thread inside this netns, then moves the thread back.
