@@ -33,7 +33,7 @@ fn socket_cookie(listener: &TcpListener) -> u64 {
 
 fn count(root: &std::path::Path, verdict: Verdict) -> u64 {
     ebpf::verdicts(root)
-        .unwrap()
+        .expect("read the verdict counters")
         .into_iter()
         .find(|(v, _)| *v == verdict)
         .map_or(0, |(_, n)| n)
