@@ -121,6 +121,7 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
 fn run_release_bin(package: &str, bin: &str, args: &[String]) -> Result<()> {
     if !wants_help(args) {
         setup::ensure()?;
+        require_root("it creates network namespaces, cgroups and BPF links")?;
     }
     // The lab binary spawns the proxy binary next to itself, so build every binary.
     cargo(&["build", "--release", "--workspace", "--bins"])?;
