@@ -4,6 +4,7 @@
 //! which the subcommands build and run.
 
 mod setup;
+mod vm;
 
 use std::process::Command;
 
@@ -36,6 +37,21 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Boot older kernels under QEMU and run the eBPF load and capture tests inside each
+    /// (`--kernel 5.10`, repeatable; `--kernel all` for the whole matrix). Needs root.
+    VmTest {
+        /// Kernel line to boot: 5.10, 5.15, 6.1 or all.
+        #[arg(long = "kernel", required = true)]
+        kernels: Vec<String>,
+        /// Give up on a kernel after this many minutes.
+        #[arg(long, default_value_t = 25)]
+        timeout_minutes: u64,
+        /// Parallel test threads inside the guest.
+        #[arg(long, default_value_t = 2)]
+        jobs: u32,
+        /// Only run tests whose names contain one of these.
+        filter: Vec<String>,
+    },
     /// Attach, detach or list capture by hand on an existing netns/cgroup (`cargo xtask load --help`).
     #[command(disable_help_flag = true)]
     Load {
@@ -53,6 +69,20 @@ fn main() -> Result<()> {
             let mut all = vec!["bench".to_owned()];
             all.extend(args);
             run_release_bin("sluice-lab", "sluice-lab", &all)
+        }
+        Cmd::VmTest { kernels, timeout_minutes, jobs, filter } => {
+            require_root("the guest image holds the capture tests, which run as root")?;
+            let kernels = if kernels.iter().any(|k| k == "all") {
+                vm::kernel_names().into_iter().map(str::to_owned).collect()
+            } else {
+                kernels
+            };
+            vm::run(&vm::Options {
+                kernels,
+                filter,
+                timeout: std::time::Duration::from_secs(timeout_minutes * 60),
+                jobs,
+            })
         }
         Cmd::Load { args } => {
             if !wants_help(&args) {

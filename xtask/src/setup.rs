@@ -32,7 +32,12 @@ pub fn workspace_root() -> Result<PathBuf> {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    apt_install(APT_PACKAGES, "building and testing")
+}
+
+/// Installs the Debian packages of `packages` that are missing; `why` names what needs them.
+pub fn apt_install(packages: &[&str], why: &str) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !dpkg_installed(p))
@@ -42,13 +47,13 @@ fn apt_packages() -> Result<()> {
     }
     if !is_root() {
         bail!(
-            "missing Debian packages: {}; install them as root: apt-get install -y {}",
+            "missing Debian packages for {why}: {}; install them as root: apt-get install -y {}",
             missing.join(" "),
             missing.join(" ")
         );
     }
     say(&format!(
-        "installing Debian packages: {}",
+        "installing Debian packages for {why}: {}",
         missing.join(" ")
     ));
     run(Command::new("apt-get").args(["update", "-q"]))?;

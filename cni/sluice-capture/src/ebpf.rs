@@ -18,14 +18,16 @@ use std::path::{Path, PathBuf};
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
 use aya::programs::Program;
 use aya::{Ebpf, EbpfLoader};
-use sluice_common::{AddrKey, PodKey, PodState, PodUidKey, Verdict, maps, programs};
+use sluice_common::{
+    AddrKey, CgroupKey, PodConfig, PodKey, PodState, PodUidKey, Verdict, maps, programs,
+};
 use tracing::{debug, info, warn};
 
 use crate::netns::Netns;
 use crate::sys::{self, AttachType};
 use crate::{Backend, CaptureError, PodCapture, PodUid, Redirector};
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice"));
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -73,7 +75,9 @@ pub struct EbpfCapture {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct EnrolledPod {
     pub uid: String,
-    pub netns_cookie: u64,
+    pub netns_ino: u64,
+    /// 0 when enrolled without a cgroup (inbound capture only).
+    pub cgroup_id: u64,
     pub addrs: Vec<IpAddr>,
     /// Names of the programs whose links are pinned for this pod.
     pub links: Vec<String>,
@@ -90,6 +94,7 @@ impl EbpfCapture {
             std::fs::create_dir_all(&dir)
                 .map_err(|source| CaptureError::Pin { path: dir, source })?;
         }
+        sys::raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(root.join("maps"))
             .load(OBJECT)?;
@@ -146,10 +151,19 @@ impl EbpfCapture {
         })?;
         let mut ctx = sk_lookup_ctx(src, dst);
         let action = sys::prog_test_run_ctx(fd.as_fd(), &mut ctx).map_err(|source| {
-            CaptureError::Attach {
-                program: programs::STEER_INBOUND,
-                target: PathBuf::from("BPF_PROG_TEST_RUN"),
-                source,
+            // Before 5.14 sk_lookup programs have no test_run: the kernel says ENOTSUPP (524).
+            if source.raw_os_error() == Some(ENOTSUPP) {
+                CaptureError::Unsupported {
+                    feature: "BPF_PROG_TEST_RUN of sk_lookup programs",
+                    since: "5.14",
+                    kernel: crate::kernel::release(),
+                }
+            } else {
+                CaptureError::Attach {
+                    program: programs::STEER_INBOUND,
+                    target: PathBuf::from("BPF_PROG_TEST_RUN"),
+                    source,
+                }
             }
         })?;
         let cookie = u64::from_ne_bytes(ctx[..8].try_into().unwrap_or_default());
@@ -170,9 +184,9 @@ impl EbpfCapture {
             netns: pod.netns.clone(),
             source,
         };
-        let cookie = netns
-            .cookie()
-            .map_err(|e| in_netns("read the netns cookie", e))?;
+        let netns_ino = netns
+            .inode()
+            .map_err(|e| in_netns("stat the netns", e))?;
         let addrs = if pod.addrs.is_empty() {
             netns
                 .addresses()
@@ -180,27 +194,38 @@ impl EbpfCapture {
         } else {
             pod.addrs.clone()
         };
-        let config = pod.config()?;
+        let mut config = pod.config()?;
+        set_redirect_addrs(&mut config, &addrs);
         let cgroup = pod
             .cgroup
             .as_deref()
             .map(|p| open_cgroup(p).map(|f| (f, p)))
             .transpose()?;
+        let cgroup_id = match &cgroup {
+            Some((file, path)) => file
+                .metadata()
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                .map_err(|source| CaptureError::Cgroup {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+            None => 0,
+        };
 
         if let Some(prev) = self.state(&pod.uid)?
-            && prev.netns_cookie != cookie
+            && (prev.netns_ino != netns_ino || prev.cgroup_id != cgroup_id)
         {
-            // Same uid, new sandbox (the runtime recreated the pod's netns): start over.
+            // Same uid, new sandbox (the runtime recreated the pod's netns or cgroup): start over.
             self.remove_uid(&pod.uid)?;
         }
-        let key = PodKey {
-            netns_cookie: cookie,
-        };
+        let key = PodKey { netns_ino };
+        // Map entries before links: a program never runs for the pod without its entries.
         self.hash::<PodUidKey, PodState>(maps::PODS)?
             .insert(
                 pod.uid.key(),
                 PodState {
-                    netns_cookie: cookie,
+                    netns_ino,
+                    cgroup_id,
                 },
                 0,
             )
@@ -208,6 +233,11 @@ impl EbpfCapture {
         self.hash(maps::POD_CONFIG)?
             .insert(key, config, 0)
             .map_err(map_err(maps::POD_CONFIG))?;
+        if cgroup_id != 0 {
+            self.hash(maps::POD_CGROUPS)?
+                .insert(CgroupKey { id: cgroup_id }, key, 0)
+                .map_err(map_err(maps::POD_CGROUPS))?;
+        }
         self.set_addrs(key, &addrs)?;
 
         let dir = self.pod_dir(&pod.uid);
@@ -231,7 +261,7 @@ impl EbpfCapture {
         if cgroup.is_none() {
             warn!(pod = %pod.uid, "no cgroup given: only inbound traffic is captured");
         }
-        info!(pod = %pod.uid, netns_cookie = cookie, addrs = ?addrs, "pod captured (ebpf)");
+        info!(pod = %pod.uid, netns_ino, cgroup_id, addrs = ?addrs, "pod captured (ebpf)");
         Ok(())
     }
 
@@ -253,9 +283,18 @@ impl EbpfCapture {
         }
         if let Some(state) = self.state(uid)? {
             let key = PodKey {
-                netns_cookie: state.netns_cookie,
+                netns_ino: state.netns_ino,
             };
             self.set_addrs(key, &[])?;
+            if state.cgroup_id != 0 {
+                ignore_missing(
+                    self.hash::<CgroupKey, PodKey>(maps::POD_CGROUPS)?
+                        .remove(&CgroupKey {
+                            id: state.cgroup_id,
+                        }),
+                    maps::POD_CGROUPS,
+                )?;
+            }
             ignore_missing(
                 self.hash::<PodKey, sluice_common::PodConfig>(maps::POD_CONFIG)?
                     .remove(&key),
@@ -368,6 +407,8 @@ pub enum InboundDecision {
 }
 
 const SK_DROP: u32 = 0;
+/// The kernel-internal "operation not supported" errno that bpf(2) leaks to userspace.
+const ENOTSUPP: i32 = 524;
 const IPPROTO_TCP: u32 = 6;
 
 /// A `struct bpf_sk_lookup` for a TCP SYN, as the kernel's test run expects it: no socket,
@@ -448,10 +489,11 @@ pub fn list_pods(root: &Path) -> Result<Vec<EnrolledPod>, CaptureError> {
         links.sort();
         out.push(EnrolledPod {
             uid: uid.to_string(),
-            netns_cookie: state.netns_cookie,
+            netns_ino: state.netns_ino,
+            cgroup_id: state.cgroup_id,
             addrs: addrs
                 .iter()
-                .filter(|(_, pod)| pod.netns_cookie == state.netns_cookie)
+                .filter(|(_, pod)| pod.netns_ino == state.netns_ino)
                 .map(|(a, _)| ip_of(a))
                 .collect(),
             links,
@@ -577,6 +619,17 @@ fn ignore_missing(result: Result<(), MapError>, map: &'static str) -> Result<(),
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(source) => Err(CaptureError::Map { map, source }),
+    }
+}
+
+/// Outbound connections are redirected to the proxy on the pod's first address of each family
+/// (why its own address and not loopback: see `PodConfig`).
+fn set_redirect_addrs(config: &mut PodConfig, addrs: &[IpAddr]) {
+    if let Some(v4) = addrs.iter().find(|a| addr_key(**a).family == sluice_common::AF_INET) {
+        config.redirect_ip4 = addr_key(*v4).addr[0];
+    }
+    if let Some(v6) = addrs.iter().find(|a| addr_key(**a).family == sluice_common::AF_INET6) {
+        config.redirect_ip6 = addr_key(*v6).addr;
     }
 }
 

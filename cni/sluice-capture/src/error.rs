@@ -62,6 +62,13 @@ pub enum CaptureError {
         stderr: String,
     },
 
+    #[error("{feature} needs Linux {since} or newer; this kernel is {kernel}")]
+    Unsupported {
+        feature: &'static str,
+        since: &'static str,
+        kernel: String,
+    },
+
     #[error("pod {uid} has {count} {what}, more than the {max} sluice supports per pod")]
     TooMany {
         uid: String,

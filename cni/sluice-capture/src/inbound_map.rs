@@ -1,5 +1,5 @@
 //! The proxy's only contact with BPF: registering its in-pod 15006 listener in the pinned
-//! `SLUICE_PROXY_INBOUND` socket map, keyed by the pod's netns cookie, so sk_lookup can hand it
+//! `SLUICE_PROXY_INBOUND` socket map, keyed by the pod's netns inode, so sk_lookup can hand it
 //! the pod's inbound connections. The kernel drops the entry when the socket closes, so a dead
 //! proxy leaves an empty slot and inbound connections are refused, never passed around it.
 
@@ -10,7 +10,7 @@ use aya::maps::{Map, MapData, SockHash};
 use sluice_common::{PodKey, maps};
 
 use crate::CaptureError;
-use crate::netns::socket_netns_cookie;
+use crate::netns::socket_netns_inode;
 
 /// Handle on the pinned inbound socket map.
 pub struct InboundSocketMap {
@@ -34,19 +34,17 @@ impl InboundSocketMap {
         Ok(Some(Self { map }))
     }
 
-    /// Registers a listening socket created inside a pod's netns; returns the pod's netns cookie.
+    /// Registers a listening socket created inside a pod's netns; returns the pod's netns inode.
     pub fn register(&mut self, listener: &impl AsFd) -> Result<u64, CaptureError> {
-        let cookie =
-            socket_netns_cookie(listener.as_fd()).map_err(|source| CaptureError::InNetns {
-                what: "read the listener's netns cookie",
+        let netns_ino =
+            socket_netns_inode(listener.as_fd()).map_err(|source| CaptureError::InNetns {
+                what: "find the listener's netns (SIOCGSKNS)",
                 netns: "(listener)".into(),
                 source,
             })?;
         self.map
             .insert(
-                PodKey {
-                    netns_cookie: cookie,
-                },
+                PodKey { netns_ino },
                 listener.as_fd().as_raw_fd(),
                 0,
             )
@@ -54,12 +52,12 @@ impl InboundSocketMap {
                 map: maps::PROXY_INBOUND,
                 source,
             })?;
-        Ok(cookie)
+        Ok(netns_ino)
     }
 
     /// Removes a pod's registration; removing one that is not there succeeds.
-    pub fn unregister(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
-        match self.map.remove(&PodKey { netns_cookie }) {
+    pub fn unregister(&mut self, netns_ino: u64) -> Result<(), CaptureError> {
+        match self.map.remove(&PodKey { netns_ino }) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(aya::maps::MapError::SyscallError(e))
                 if e.io_error.raw_os_error() == Some(libc::ENOENT) =>

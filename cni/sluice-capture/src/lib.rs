@@ -13,6 +13,7 @@ pub mod ebpf;
 mod error;
 pub mod inbound_map;
 pub mod iptables;
+pub mod kernel;
 pub mod netns;
 mod pod;
 mod sys;

@@ -12,8 +12,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// `SO_NETNS_COOKIE` (Linux 5.14): the netns cookie as BPF's `bpf_get_netns_cookie` sees it.
-const SO_NETNS_COOKIE: libc::c_int = 71;
+/// `SIOCGSKNS` (Linux 4.9): opens the network namespace a socket lives in.
+const SIOCGSKNS: libc::c_ulong = 0x894c;
 
 thread_local! {
     /// The netns each thread started in, where `Netns::run` returns it.
@@ -88,11 +88,10 @@ impl Netns {
         Ok(cmd)
     }
 
-    /// The netns cookie: sluice's per-pod key in every BPF map.
-    pub fn cookie(&self) -> io::Result<u64> {
-        let socket =
-            self.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))??;
-        socket_netns_cookie(socket.as_fd())
+    /// The namespace's inode number: sluice's per-pod key in the BPF maps (see
+    /// `sluice_common::PodKey` for why not the netns cookie).
+    pub fn inode(&self) -> io::Result<u64> {
+        Ok(std::os::unix::fs::MetadataExt::ino(&self.file.metadata()?))
     }
 
     /// The addresses configured inside the netns, except loopback and IPv6 link-local.
@@ -107,24 +106,16 @@ impl AsFd for Netns {
     }
 }
 
-/// The netns cookie of the namespace a socket lives in.
-pub fn socket_netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: cookie and len are valid for writes of the sizes given.
-    let ret = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            std::ptr::from_mut(&mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
+/// The inode number of the network namespace a socket lives in, as [`Netns::inode`] gives it.
+pub fn socket_netns_inode(socket: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: SIOCGSKNS takes no argument and returns a new fd (or -1), which we own.
+    let fd = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCGSKNS as _) };
+    if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    // SAFETY: the ioctl returned a fresh fd that nothing else owns.
+    let netns = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    Ok(std::os::unix::fs::MetadataExt::ino(&netns.metadata()?))
 }
 
 fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {

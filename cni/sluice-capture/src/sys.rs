@@ -167,3 +167,18 @@ fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
 }
+
+/// Before Linux 5.11 BPF maps and programs are charged against `RLIMIT_MEMLOCK` (often 64 KiB
+/// or 8 MiB), which the SOCKHASH and the per-pod maps exceed; 5.11+ charges the memory cgroup
+/// instead and ignores the limit. Raising it needs CAP_SYS_RESOURCE, which the agent has; if it
+/// fails, the load that follows reports EPERM with the map's name.
+pub fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct and has no other effect on memory.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}

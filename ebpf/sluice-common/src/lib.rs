@@ -6,7 +6,8 @@
 //! hands them to the programs (network byte order words) so the hot path never converts.
 #![no_std]
 
-/// The proxy's in-pod outbound listener (`127.0.0.1` / `[::1]`).
+/// The proxy's in-pod outbound listener (all addresses; eBPF capture redirects to the pod's own
+/// address, iptables REDIRECT to loopback).
 pub const PORT_OUTBOUND: u16 = 15001;
 /// The proxy's in-pod inbound listener for plaintext captured connections.
 pub const PORT_INBOUND: u16 = 15006;
@@ -23,13 +24,20 @@ pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
 pub const SO_ORIGINAL_DST: i32 = 80;
 
+/// How deep below the cgroup v2 root a pod's cgroup may sit (Kubernetes puts it at level 2 or
+/// 3, e.g. `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice`).
+pub const MAX_CGROUP_DEPTH: u32 = 16;
+
 /// Map names, shared so the loader can find and pin them.
 pub mod maps {
     /// `AddrKey` → `PodKey`: which enrolled pod owns a local address (sk_lookup has no netns
     /// cookie helper, so inbound steering is keyed by the destination address).
     pub const POD_ADDRS: &str = "SLUICE_POD_ADDRS";
-    /// `PodKey` → `PodConfig`: per-pod capture exclusions.
+    /// `PodKey` → `PodConfig`: per-pod capture exclusions and redirect addresses.
     pub const POD_CONFIG: &str = "SLUICE_POD_CONFIG";
+    /// `CgroupKey` → `PodKey`: which pod a cgroup belongs to, for the outbound hooks (they find
+    /// the pod from the calling task's cgroup ancestry).
+    pub const POD_CGROUPS: &str = "SLUICE_POD_CGROUPS";
     /// `PodKey` → the proxy's inbound (15006) listener inside that pod (a SOCKHASH). The proxy
     /// registers itself here; an empty slot makes inbound capture refuse connections.
     pub const PROXY_INBOUND: &str = "SLUICE_PROXY_INBOUND";
@@ -56,12 +64,26 @@ pub mod programs {
     pub const GETSOCKOPT: &str = "original_dst";
 }
 
-/// Identifies one pod in every per-pod map: its network namespace cookie, unique per boot and
-/// never reused, so two pods can never share state.
+/// Identifies one pod in every per-pod map: the inode number of its network namespace.
+///
+/// Why not the netns cookie: userspace can read a cookie only from Linux 5.14
+/// (`SO_NETNS_COOKIE`) and sockops/sockopt programs only from 5.15, while the inode is known to
+/// the loader (`stat` of the netns path) and to the proxy (`SIOCGSKNS` on its listener) on every
+/// kernel. No program needs to compute it: sk_lookup maps the destination address to the pod,
+/// the outbound hooks map the calling task's cgroup to it. An inode is unique among live
+/// namespaces but can be reused once one is freed, so a pod's entries are removed with the pod.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct PodKey {
-    pub netns_cookie: u64,
+    pub netns_ino: u64,
+}
+
+/// A cgroup v2 id (the inode number of its directory), as `bpf_get_current_cgroup_id` and
+/// `bpf_get_current_ancestor_cgroup_id` return it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CgroupKey {
+    pub id: u64,
 }
 
 /// An IPv4 or IPv6 address as the kernel presents it: `addr[0]` holds an IPv4 address, the rest is
@@ -73,12 +95,21 @@ pub struct AddrKey {
     pub addr: [u32; 4],
 }
 
-/// Capture settings of one pod. A zero port is an unused slot.
+/// Capture settings of one pod. A zero port is an unused slot; a zero address is none.
+///
+/// Outbound connections are redirected to the proxy's 15001 listener on the pod's *own*
+/// address (`redirect_ip4`/`redirect_ip6`), not on loopback: the client end then carries an
+/// address no other pod on the node has, so the proxy's peer (ip, port) alone identifies the
+/// connection, with no netns id in the key (which older kernels cannot give the programs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PodConfig {
     pub exclude_inbound_ports: [u16; MAX_EXCLUDED_PORTS],
     pub exclude_outbound_ports: [u16; MAX_EXCLUDED_PORTS],
+    /// Network byte order words, as in [`AddrKey`].
+    pub redirect_ip6: [u32; 4],
+    pub redirect_ip4: u32,
+    pub _pad: u32,
 }
 
 /// Longest pod uid the pinned state can hold (Kubernetes uids are 36-byte UUIDs).
@@ -91,11 +122,13 @@ pub struct PodUidKey {
     pub bytes: [u8; MAX_UID_LEN + 1],
 }
 
-/// What the loader remembers about an enrolled pod.
+/// What the loader remembers about an enrolled pod. `cgroup_id` is 0 for a pod enrolled
+/// without a cgroup (inbound capture only).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PodState {
-    pub netns_cookie: u64,
+    pub netns_ino: u64,
+    pub cgroup_id: u64,
 }
 
 /// Where a captured outbound connection was going. `port` is in host byte order.
@@ -107,12 +140,12 @@ pub struct OrigDst {
     pub addr: [u32; 4],
 }
 
-/// The client end of a redirected connection inside one pod: what the proxy sees as the peer of
-/// the socket it accepted on 15001. `port` is in host byte order.
+/// The client end of a redirected connection: what the proxy sees as the peer of the socket it
+/// accepted on 15001. Unique on the node because the client's address is its pod's own (see
+/// [`PodConfig`]). `port` is in host byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct PairKey {
-    pub netns_cookie: u64,
     pub family: u32,
     pub port: u32,
     pub addr: [u32; 4],
@@ -153,10 +186,13 @@ pub enum Verdict {
     OrigDstMiss = 12,
     /// `getpeername()` of a redirected socket answered with the original destination.
     PeerRestored = 13,
+    /// Outbound `connect()` refused: the calling cgroup maps to no enrolled pod, or the pod has
+    /// no address of the connection's family to redirect to (fail closed).
+    OutboundDropNoPod = 14,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::InboundSteered,
         Verdict::InboundPassPort,
@@ -172,6 +208,7 @@ impl Verdict {
         Verdict::OrigDstFound,
         Verdict::OrigDstMiss,
         Verdict::PeerRestored,
+        Verdict::OutboundDropNoPod,
     ];
 
     /// A stable snake_case name for metrics and status output.
@@ -191,6 +228,7 @@ impl Verdict {
             Verdict::OrigDstFound => "orig_dst_found",
             Verdict::OrigDstMiss => "orig_dst_miss",
             Verdict::PeerRestored => "peer_restored",
+            Verdict::OutboundDropNoPod => "outbound_drop_no_pod",
         }
     }
 }
@@ -207,12 +245,14 @@ impl PodConfig {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{AddrKey, OrigDst, PairKey, PodConfig, PodKey, PodState, PodUidKey};
+    use super::{AddrKey, CgroupKey, OrigDst, PairKey, PodConfig, PodKey, PodState, PodUidKey};
 
     // SAFETY: each type is #[repr(C)], made only of integers and integer arrays, with no implicit
     // padding (fields are ordered and sized so every offset is naturally aligned), so every bit
     // pattern is valid and no uninitialised byte is ever exposed.
     unsafe impl aya::Pod for PodKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CgroupKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for AddrKey {}
     // SAFETY: as above.
@@ -235,9 +275,11 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<PodKey>(), 8);
         assert_eq!(core::mem::size_of::<AddrKey>(), 20);
-        assert_eq!(core::mem::size_of::<PodConfig>(), 32);
+        assert_eq!(core::mem::size_of::<CgroupKey>(), 8);
+        assert_eq!(core::mem::size_of::<PodConfig>(), 56);
+        assert_eq!(core::mem::size_of::<PodState>(), 16);
         assert_eq!(core::mem::size_of::<OrigDst>(), 24);
-        assert_eq!(core::mem::size_of::<PairKey>(), 32);
+        assert_eq!(core::mem::size_of::<PairKey>(), 24);
     }
 
     #[test]
@@ -246,6 +288,7 @@ mod tests {
             assert_eq!(*v as u32, i as u32, "{} is out of place", v.name());
         }
         assert_eq!(Verdict::PeerRestored as u32, 13);
+        assert_eq!(Verdict::OutboundDropNoPod as u32, 14);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, SockHash};
-use sluice_common::{AddrKey, OrigDst, PairKey, PodConfig, PodKey, PodState, PodUidKey, Verdict};
+use sluice_common::{
+    AddrKey, CgroupKey, OrigDst, PairKey, PodConfig, PodKey, PodState, PodUidKey, Verdict,
+};
 
 /// Pods per node are bounded by the kubelet (110 by default); leave ample headroom.
 const MAX_PODS: u32 = 4096;
@@ -16,6 +18,9 @@ pub static POD_ADDRS: HashMap<AddrKey, PodKey> = HashMap::pinned(MAX_PODS * 4, 0
 
 #[map(name = "SLUICE_POD_CONFIG")]
 pub static POD_CONFIG: HashMap<PodKey, PodConfig> = HashMap::pinned(MAX_PODS, 0);
+
+#[map(name = "SLUICE_POD_CGROUPS")]
+pub static POD_CGROUPS: HashMap<CgroupKey, PodKey> = HashMap::pinned(MAX_PODS, 0);
 
 #[map(name = "SLUICE_PROXY_INBOUND")]
 pub static PROXY_INBOUND: SockHash<PodKey> = SockHash::pinned(MAX_PODS, 0);

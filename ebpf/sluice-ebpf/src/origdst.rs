@@ -3,8 +3,6 @@
 
 use core::ptr::write_volatile;
 
-use aya_ebpf::EbpfContext;
-use aya_ebpf::helpers::generated::bpf_get_netns_cookie;
 use aya_ebpf::macros::cgroup_sockopt;
 use aya_ebpf::programs::SockoptContext;
 use sluice_common::{
@@ -51,8 +49,6 @@ fn answer(ctx: &SockoptContext) {
         ((*sk).family, peer, u16::from_be(port_be))
     };
     let key = PairKey {
-        // SAFETY: bpf_get_netns_cookie is allowed for cgroup sockopt programs (Linux 5.15).
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         family: peer.family,
         port: u32::from(peer_port),
         addr: peer.addr,

@@ -105,13 +105,25 @@ impl Drop for CgroupGuard {
         // Processes are killed before this runs; their exit may take a moment to reach the
         // cgroup, so retry briefly (bounded).
         for _ in 0..50 {
-            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+            if remove_cgroup_tree(&self.path).is_ok() || !self.path.exists() {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         eprintln!("lab: could not remove cgroup {}", self.path.display());
     }
+}
+
+/// Removes a cgroup and the child cgroups a test made below it, deepest first (a cgroup
+/// directory holds only kernel files besides its children, and rmdir takes those with it).
+fn remove_cgroup_tree(path: &std::path::Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_cgroup_tree(&entry.path())?;
+        }
+    }
+    std::fs::remove_dir(path)
 }
 
 /// A bpffs pin root used by one lab; everything under it is detached and removed on drop.
@@ -245,6 +257,20 @@ impl Lab {
             netns: self.pod_ns.path(),
             cgroup: Some(self.pod_cgroup.path.clone()),
         }
+    }
+
+    /// A client process in a container of the pod: a child cgroup below the pod's, as the
+    /// container runtime makes one per container. Outbound capture must find the pod from there.
+    pub fn in_pod_container(&self, container: &str) -> Result<Placement> {
+        let path = self.pod_cgroup.path.join(container);
+        if !path.exists() {
+            std::fs::create_dir(&path)
+                .with_context(|| format!("create container cgroup {}", path.display()))?;
+        }
+        Ok(Placement {
+            netns: self.pod_ns.path(),
+            cgroup: Some(path),
+        })
     }
 
     /// A process on the peer host, outside the mesh.

@@ -73,6 +73,28 @@ impl ProxyProcess {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// Waits (bounded) until `count` log lines each contain every one of `needles`.
+    pub fn wait_for_log_lines(&self, needles: &[&str], count: usize) -> Result<()> {
+        let deadline = Instant::now() + WAIT;
+        let matching = || {
+            self.log()
+                .iter()
+                .filter(|l| needles.iter().all(|n| l.contains(n)))
+                .count()
+        };
+        while Instant::now() < deadline {
+            if matching() >= count {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        bail!(
+            "{} proxy log lines with {needles:?} within {WAIT:?}, wanted {count}; log:\n{}",
+            matching(),
+            self.log().join("\n")
+        )
+    }
+
     /// Waits (bounded) until a log line contains every one of `needles`.
     pub fn wait_for_log(&self, needles: &[&str]) -> Result<String> {
         let deadline = Instant::now() + WAIT;

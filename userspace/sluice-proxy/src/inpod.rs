@@ -51,7 +51,7 @@ struct PodContext {
 /// A served pod. Dropping it stops serving the pod.
 pub struct PodProxy {
     uid: PodUid,
-    netns_cookie: Option<u64>,
+    netns_ino: Option<u64>,
     accept_loops: JoinSet<()>,
     /// Flipped on drop: every connection task of the pod watches it.
     closing: watch::Sender<bool>,
@@ -70,7 +70,7 @@ impl PodProxy {
         use anyhow::Context as _;
         let where_ = || format!("pod {uid} (netns {})", netns.path().display());
         let outbound4 = socket::listen_in(&netns, socket::outbound_v4(), false)
-            .with_context(|| format!("listen on 127.0.0.1:{PORT_OUTBOUND} in {}", where_()))?;
+            .with_context(|| format!("listen on 0.0.0.0:{PORT_OUTBOUND} in {}", where_()))?;
         // IPv6 may be disabled in the pod; IPv4 capture still works then.
         let outbound6 = socket::listen_in(&netns, socket::outbound_v6(), false)
             .inspect_err(|e| debug!(pod = %uid, error = %e, "no IPv6 outbound listener"))
@@ -78,7 +78,7 @@ impl PodProxy {
         let inbound = socket::listen_in(&netns, socket::inbound_any_v6(), true)
             .or_else(|_| socket::listen_in(&netns, socket::inbound_any_v4(), false))
             .with_context(|| format!("listen on :{PORT_INBOUND} in {}", where_()))?;
-        let netns_cookie = match sockets {
+        let netns_ino = match sockets {
             Some(map) => Some(
                 map.register(&inbound)
                     .with_context(|| format!("register the inbound listener of {}", where_()))?,
@@ -107,10 +107,10 @@ impl PodProxy {
                 closing.subscribe(),
             ));
         }
-        info!(pod = %uid, netns_cookie, "pod listeners up");
+        info!(pod = %uid, netns_ino, "pod listeners up");
         Ok(Self {
             uid,
-            netns_cookie,
+            netns_ino,
             accept_loops,
             closing,
         })
@@ -118,7 +118,7 @@ impl PodProxy {
 
     /// Stops serving the pod and withdraws its eBPF registration.
     pub fn stop(mut self, sockets: Option<&mut InboundSocketMap>) {
-        if let (Some(map), Some(cookie)) = (sockets, self.netns_cookie)
+        if let (Some(map), Some(cookie)) = (sockets, self.netns_ino)
             && let Err(e) = map.unregister(cookie)
         {
             warn!(pod = %self.uid, error = %e, "unregister inbound listener");

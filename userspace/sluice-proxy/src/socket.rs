@@ -121,16 +121,19 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// All addresses: eBPF capture redirects to the pod's own address (so the client's address is
+/// unique on the node), iptables REDIRECT to loopback. Connections from outside the pod to
+/// 15001 never get here: both backends steer them to 15006 like any other inbound port.
 pub fn outbound_v4() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(
-        Ipv4Addr::LOCALHOST,
+        Ipv4Addr::UNSPECIFIED,
         sluice_capture::PORT_OUTBOUND,
     ))
 }
 
 pub fn outbound_v6() -> SocketAddr {
     SocketAddr::V6(SocketAddrV6::new(
-        Ipv6Addr::LOCALHOST,
+        Ipv6Addr::UNSPECIFIED,
         sluice_capture::PORT_OUTBOUND,
         0,
         0,

@@ -28,7 +28,7 @@ use sluice_capture::{Backend, DEFAULT_PIN_ROOT, PodCapture, PodUid, Redirector};
 struct Args {
     /// The pod's network namespace: a name under /var/run/netns (as made by `ip netns add`) or
     /// a path such as /proc/PID/ns/net.
-    #[arg(long, env = "SLUICE_NETNS", required_unless_present_any = ["status", "proxy_cgroup"])]
+    #[arg(long, env = "SLUICE_NETNS", required_unless_present_any = ["status", "proxy_cgroup", "check_kernel"])]
     netns: Option<String>,
 
     /// The pod's cgroup v2 directory; outbound capture (eBPF) attaches there. Without it only
@@ -70,8 +70,14 @@ struct Args {
     #[arg(long)]
     status: bool,
 
-    /// Print the status as JSON.
-    #[arg(long, requires = "status")]
+    /// Check what this kernel can do for sluice: version floor, BTF, cgroup v2, and every
+    /// program through the verifier (with the verifier's log of any rejection). Exits non-zero
+    /// if anything sluice needs is missing.
+    #[arg(long)]
+    check_kernel: bool,
+
+    /// Print --status or --check-kernel as JSON.
+    #[arg(long)]
     json: bool,
 
     /// Where the eBPF backend pins its maps and links.
@@ -87,6 +93,9 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if args.check_kernel {
+        return check_kernel(args.json);
+    }
     if args.status {
         return status(&args);
     }
@@ -165,9 +174,10 @@ fn status(args: &Args) -> Result<()> {
     for pod in &pods {
         let addrs: Vec<String> = pod.addrs.iter().map(ToString::to_string).collect();
         println!(
-            "  {:<24} netns-cookie {:<8} addrs {:<28} links {}",
+            "  {:<24} netns-ino {:<11} cgroup-id {:<8} addrs {:<28} links {}",
             pod.uid,
-            pod.netns_cookie,
+            pod.netns_ino,
+            pod.cgroup_id,
             addrs.join(","),
             pod.links.join(",")
         );
@@ -175,6 +185,28 @@ fn status(args: &Args) -> Result<()> {
     println!("verdicts (all pods, since load):");
     for (verdict, count) in verdicts {
         println!("  {:>2} {:<24} {count}", verdict as u32, verdict.name());
+    }
+    Ok(())
+}
+
+fn check_kernel(json: bool) -> Result<()> {
+    let checks = sluice_capture::kernel::check();
+    if json {
+        println!("{}", serde_json::to_string(&checks)?);
+    } else {
+        for check in &checks {
+            let mark = if check.ok { "ok  " } else { "FAIL" };
+            println!("{mark} {}", check.what);
+            if !check.ok || !check.detail.is_empty() && check.what.starts_with("kernel ") {
+                for line in check.detail.lines() {
+                    println!("       {line}");
+                }
+            }
+        }
+    }
+    let missing: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.what.as_str()).collect();
+    if !missing.is_empty() {
+        bail!("this kernel lacks what sluice needs: {}", missing.join("; "));
     }
     Ok(())
 }

@@ -48,12 +48,20 @@ fn steer_inbound_decides_every_case_as_designed() {
     let capture = EbpfCapture::load(lab.pin_root()).unwrap();
     let root = lab.pin_root();
     let from_peer = addr(PEER_IP, 40000);
-
     let refused_before = count(&root, Verdict::InboundDropNoProxy);
+    let first = capture.simulate_inbound(from_peer, addr(POD_IP, 8080));
+    if let Err(err @ sluice_capture::CaptureError::Unsupported { .. }) = &first {
+        // Mainline has sk_lookup test_run from 5.14 (Debian's 5.10.0-46 build runs it too). Where
+        // it is missing, the loader must say so and name the feature; the verdicts themselves
+        // are covered by the capture tests' real traffic.
+        assert!(
+            sluice_capture::kernel::version().is_some_and(|v| v < (5, 14)),
+            "sk_lookup test_run must work from Linux 5.14: {err}"
+        );
+        return;
+    }
     assert_eq!(
-        capture
-            .simulate_inbound(from_peer, addr(POD_IP, 8080))
-            .unwrap(),
+        first.unwrap(),
         InboundDecision::Refused,
         "a captured pod without a proxy socket must refuse (fail closed)"
     );

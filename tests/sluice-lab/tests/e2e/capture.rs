@@ -86,15 +86,13 @@ pub fn outbound_reaches_the_server_through_the_proxy_and_the_app_sees_the_real_p
         "getpeername() must be the real server, got {:?}",
         outcome.peer
     );
-    // eBPF rewrites the destination before the source address is chosen, so the app's socket
-    // is on loopback; an iptables REDIRECT in OUTPUT keeps the source picked for the pod's route.
-    if backend == Backend::Ebpf {
-        ensure!(
-            ip_of(outcome.local.as_deref()) == "127.0.0.1",
-            "the app's socket should be connected to the proxy over loopback, local was {:?}",
-            outcome.local
-        );
-    }
+    // Both backends leave the app's own address what it would be without the mesh (eBPF
+    // redirects to the pod's address, not loopback), so `getsockname()` tells the truth too.
+    ensure!(
+        ip_of(outcome.local.as_deref()) == POD_IP.to_string(),
+        "the app's socket should have the pod's address, local was {:?}",
+        outcome.local
+    );
     ensure!(
         ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(),
         "the server should see the pod's address: {outcome:?}"
@@ -104,6 +102,31 @@ pub fn outbound_reaches_the_server_through_the_proxy_and_the_app_sees_the_real_p
         "dst=10.99.0.1:9090",
         "connection closed",
     ])?;
+    Ok(())
+}
+
+/// Workloads run in per-container cgroups below the pod's: capture finds the pod from there,
+/// two levels down as well as one.
+pub fn clients_in_container_cgroups_are_captured(backend: Backend) -> Result<()> {
+    let (lab, proxy) = captured(backend)?;
+    let _server = app::spawn_server(&lab.in_peer(), &[addr(PEER_IP, 9091)])?;
+    for (n, container) in ["app", "app/nested"].into_iter().enumerate() {
+        let outcome = app::run_client(
+            &lab.in_pod_container(container)?,
+            addr(PEER_IP, 9091),
+            64 * 1024,
+        )?;
+        succeeded(&outcome)?;
+        ensure!(
+            outcome.echoed == 64 * 1024 && outcome.peer.as_deref() == Some("10.99.0.1:9091"),
+            "a client in container cgroup {container} should reach the server: {outcome:?}"
+        );
+        // Each connection went through the proxy: one more access-log line each time.
+        proxy.wait_for_log_lines(
+            &["direction=\"outbound\"", "dst=10.99.0.1:9091", "connection closed"],
+            n + 1,
+        )?;
+    }
     Ok(())
 }
 

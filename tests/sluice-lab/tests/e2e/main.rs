@@ -35,6 +35,7 @@ macro_rules! for_both_backends {
 for_both_backends!(
     inbound_to_any_port_reaches_the_app_through_the_proxy,
     outbound_reaches_the_server_through_the_proxy_and_the_app_sees_the_real_peer,
+    clients_in_container_cgroups_are_captured,
     hbone_port_and_loopback_are_not_captured,
     excluded_ports_are_not_captured,
     proxy_stopped_refuses_traffic_and_restarted_proxy_serves_it_again,

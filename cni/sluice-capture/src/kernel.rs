@@ -1,0 +1,140 @@
+//! What this node's kernel can do for sluice, checked rather than assumed from a version number
+//! (distributions backport BPF features, and a version says nothing about the build's config).
+//!
+//! [`check`] loads every program of the object on its own, so one rejected program does not
+//! hide the verdict on the others, and keeps the verifier's log of each rejection.
+
+use std::path::Path;
+
+use aya::programs::Program;
+use aya::{Ebpf, EbpfLoader};
+
+use crate::ebpf::OBJECT;
+
+/// The oldest kernel line sluice supports. Older kernels lack sk_lookup (5.9) and BPF links
+/// for netns and cgroup attachments (5.7, LINK_DETACH 5.9).
+pub const FLOOR: (u32, u32) = (5, 10);
+
+/// One thing sluice needs from the kernel.
+#[derive(Debug, serde::Serialize)]
+pub struct Check {
+    pub what: String,
+    pub ok: bool,
+    /// Why it failed (a verifier log for a rejected program), or what was found.
+    pub detail: String,
+}
+
+/// Every check, in the order they are worth reading.
+pub fn check() -> Vec<Check> {
+    let mut checks = Vec::new();
+    let release = release();
+    let version = parse_release(&release);
+    checks.push(Check {
+        what: format!("kernel {}.{} or newer", FLOOR.0, FLOOR.1),
+        ok: version.is_some_and(|v| v >= FLOOR),
+        detail: if release.is_empty() {
+            "cannot read /proc/sys/kernel/osrelease".to_owned()
+        } else {
+            release.clone()
+        },
+    });
+    checks.push(Check {
+        what: "kernel BTF (/sys/kernel/btf/vmlinux)".to_owned(),
+        ok: Path::new("/sys/kernel/btf/vmlinux").exists(),
+        detail: "needs CONFIG_DEBUG_INFO_BTF=y".to_owned(),
+    });
+    checks.push(Check {
+        what: "cgroup v2 mounted".to_owned(),
+        ok: crate::cgroup::v2_root().is_ok(),
+        detail: "outbound capture attaches to the pod's cgroup v2 directory".to_owned(),
+    });
+    crate::sys::raise_memlock_limit();
+    // The maps are declared pinned by name; give them a scratch directory so a check never
+    // touches a live pin root.
+    let scratch = std::path::PathBuf::from(format!("/sys/fs/bpf/sluice-check-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&scratch) {
+        checks.push(Check {
+            what: "bpffs mounted at /sys/fs/bpf".to_owned(),
+            ok: false,
+            detail: format!("create {}: {e}; mount it with `mount -t bpf bpf /sys/fs/bpf`", scratch.display()),
+        });
+        return checks;
+    }
+    let loaded = EbpfLoader::new().default_map_pin_directory(&scratch).load(OBJECT);
+    match loaded {
+        Err(e) => checks.push(Check {
+            what: "load the eBPF object (maps, BTF)".to_owned(),
+            ok: false,
+            detail: e.to_string(),
+        }),
+        Ok(mut ebpf) => {
+            let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+            for name in names {
+                let result = load_one(&mut ebpf, &name);
+                checks.push(Check {
+                    what: format!("program {name} passes the verifier"),
+                    ok: result.is_ok(),
+                    detail: result.err().unwrap_or_default(),
+                });
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    checks
+}
+
+fn load_one(ebpf: &mut Ebpf, name: &str) -> Result<(), String> {
+    let Some(prog) = ebpf.program_mut(name) else {
+        return Err("not in the object".to_owned());
+    };
+    let loaded = match prog {
+        Program::SkLookup(p) => p.load(),
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSockopt(p) => p.load(),
+        _ => return Err("unexpected program type".to_owned()),
+    };
+    loaded.map_err(|e| {
+        // aya's Display has the verifier log inline; the chain below it says which syscall.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        text
+    })
+}
+
+/// The running kernel's release string (`uname -r`), or "" if it cannot be read.
+pub fn release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The running kernel's (major, minor).
+pub fn version() -> Option<(u32, u32)> {
+    parse_release(&release())
+}
+
+/// `5.10.0-46-cloud-amd64` → (5, 10).
+pub fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_release;
+
+    #[test]
+    fn reads_distribution_release_strings() {
+        assert_eq!(parse_release("5.10.0-46-cloud-amd64"), Some((5, 10)));
+        assert_eq!(parse_release("5.15.0-161-generic"), Some((5, 15)));
+        assert_eq!(parse_release("6.18.2"), Some((6, 18)));
+        assert_eq!(parse_release("garbage"), None);
+    }
+}
