@@ -30,40 +30,57 @@ use crate::setup;
 /// A kernel the matrix can boot.
 struct KernelSpec {
     name: &'static str,
-    /// deb822 sources for the private apt state.
+    /// deb822 sources for the private apt state; `{keyring}` stands for the keyring's path.
     sources: &'static str,
     /// Metapackage whose dependencies name the newest kernel image of that line.
     meta: &'static str,
-    /// Debian package providing the keyring `sources` is signed with (installed when missing).
-    keyring_package: &'static str,
+    keyring: Keyring,
 }
+
+/// The OpenPGP keyring that apt checks the archive's signatures with.
+enum Keyring {
+    /// A file from a Debian package on this machine (installed when missing).
+    Host { path: &'static str, package: &'static str },
+    /// A keyring package fetched from the archive itself, accepted only with this SHA-256 (the
+    /// hash pins the trust; Debian does not package Ubuntu's keyring).
+    Pinned { url: &'static str, sha256: &'static str, member: &'static str },
+}
+
+const DEBIAN_KEYRING: Keyring = Keyring::Host {
+    path: "/usr/share/keyrings/debian-archive-keyring.gpg",
+    package: "debian-archive-keyring",
+};
 
 const KERNELS: &[KernelSpec] = &[
     KernelSpec {
         name: "5.10",
         sources: "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bullseye\nComponents: main\n\
-                  Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n\
+                  Signed-By: {keyring}\n\n\
                   Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bullseye-security\n\
-                  Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+                  Components: main\nSigned-By: {keyring}\n",
         meta: "linux-image-cloud-amd64",
-        keyring_package: "debian-archive-keyring",
+        keyring: DEBIAN_KEYRING,
     },
     KernelSpec {
         name: "5.15",
         sources: "Types: deb\nURIs: http://archive.ubuntu.com/ubuntu\n\
                   Suites: jammy jammy-updates jammy-security\nComponents: main\n\
-                  Signed-By: /usr/share/keyrings/ubuntu-archive-keyring.gpg\n",
+                  Signed-By: {keyring}\n",
         meta: "linux-image-generic",
-        keyring_package: "ubuntu-keyring",
+        keyring: Keyring::Pinned {
+            url: "http://archive.ubuntu.com/ubuntu/pool/main/u/ubuntu-keyring/ubuntu-keyring_2021.03.26_all.deb",
+            sha256: "0d0e7ed6b112f5d03eabf3c7eb01ebdacf9c57714b279e90495cfc58c8c4520f",
+            member: "usr/share/keyrings/ubuntu-archive-keyring.gpg",
+        },
     },
     KernelSpec {
         name: "6.1",
         sources: "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\n\
-                  Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n\
+                  Components: main\nSigned-By: {keyring}\n\n\
                   Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n\
-                  Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+                  Components: main\nSigned-By: {keyring}\n",
         meta: "linux-image-cloud-amd64",
-        keyring_package: "debian-archive-keyring",
+        keyring: DEBIAN_KEYRING,
     },
 ];
 
@@ -112,7 +129,6 @@ pub fn run(opts: &Options) -> Result<()> {
     let accel = Accel::detect(&cache)?;
     let mut results = Vec::new();
     for spec in specs {
-        setup::apt_install(&[spec.keyring_package], "checking the kernel archive's signatures")?;
         let kernel = fetch_kernel(spec, &cache.join("kernels").join(spec.name))?;
         let initrd = cache.join(format!("initramfs-{}.cpio", spec.name));
         build_initramfs(&kernel, &binaries, &opts.filter, opts.jobs, &initrd)?;
@@ -194,7 +210,9 @@ struct Kernel {
 }
 
 fn fetch_kernel(spec: &KernelSpec, dir: &Path) -> Result<Kernel> {
-    let apt = AptState::new(dir, spec.sources)?;
+    let keyring = keyring(&spec.keyring, dir)?;
+    let sources = spec.sources.replace("{keyring}", keyring.to_str().context("keyring path")?);
+    let apt = AptState::new(dir, &sources)?;
     let debs_dir = dir.join("debs");
     fs::create_dir_all(&debs_dir)?;
     let packages = apt.resolve_kernel_packages(spec.meta)?;
@@ -245,6 +263,34 @@ fn fetch_kernel(spec: &KernelSpec, dir: &Path) -> Result<Kernel> {
         .find(|p| p.is_dir())
         .with_context(|| format!("the packages hold no modules for {release}"))?;
     Ok(Kernel { release, vmlinuz, modules })
+}
+
+fn keyring(keyring: &Keyring, dir: &Path) -> Result<PathBuf> {
+    match keyring {
+        Keyring::Host { path, package } => {
+            setup::apt_install(&[package], "checking the kernel archive's signatures")?;
+            Ok(PathBuf::from(path))
+        }
+        Keyring::Pinned { url, sha256, member } => {
+            let unpacked = dir.join("keyring");
+            let path = unpacked.join(member);
+            if path.exists() {
+                return Ok(path);
+            }
+            setup::apt_install(&["curl"], "fetching the kernel archive's keyring")?;
+            let deb = dir.join("keyring.deb");
+            fs::create_dir_all(dir)?;
+            run_quiet(Command::new("curl").args(["-fsSL", "--max-time", "120", "-o"]).arg(&deb).arg(url))
+                .with_context(|| format!("download {url}"))?;
+            let sum = capture(Command::new("sha256sum").arg(&deb))?;
+            if sum.split_whitespace().next() != Some(sha256) {
+                let _ = fs::remove_file(&deb);
+                bail!("{url} has SHA-256 {sum:.64}, expected {sha256}; refusing to trust it");
+            }
+            run_quiet(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+            Ok(path)
+        }
+    }
 }
 
 /// apt with its own sources, lists and cache: signatures checked, the host's apt untouched.
