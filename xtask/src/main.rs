@@ -23,9 +23,14 @@ enum Cmd {
     /// Install what building and testing need (apt packages, bpf-linker, nightly rust-src, bpffs);
     /// idempotent, prints each step it takes.
     Setup,
-    /// Run every test tier (unit, BPF, netns end-to-end for both capture backends). Needs root.
+    /// Run every test tier (unit, BPF, netns end-to-end for both capture backends), then the
+    /// eBPF load and capture tests again on the oldest supported kernel (5.10) under QEMU.
+    /// Needs root.
     Test {
-        /// Extra arguments passed to `cargo test` (e.g. a test name filter).
+        /// Skip the 5.10 kernel leg (a quicker loop while developing; CI never skips it).
+        #[arg(long)]
+        host_only: bool,
+        /// Extra arguments passed to `cargo test` on this machine (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -63,26 +68,35 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::ensure(),
-        Cmd::Test { args } => test(&args),
+        Cmd::Test { host_only, args } => test(host_only, &args),
         Cmd::Demo => run_release_bin("sluice-lab", "sluice-lab", &["demo".to_owned()]),
         Cmd::Bench { args } => {
             let mut all = vec!["bench".to_owned()];
             all.extend(args);
             run_release_bin("sluice-lab", "sluice-lab", &all)
         }
-        Cmd::VmTest { kernels, timeout_minutes, jobs, filter } => {
+        Cmd::VmTest {
+            kernels,
+            timeout_minutes,
+            jobs,
+            filter,
+        } => {
             require_root("the guest image holds the capture tests, which run as root")?;
             let kernels = if kernels.iter().any(|k| k == "all") {
                 vm::kernel_names().into_iter().map(str::to_owned).collect()
             } else {
                 kernels
             };
-            vm::run(&vm::Options {
+            let matrix = vm::run(&vm::Options {
                 kernels,
                 filter,
                 timeout: std::time::Duration::from_secs(timeout_minutes * 60),
                 jobs,
-            })
+            })?;
+            if !matrix.failures.is_empty() {
+                bail!("vm-test failed on {}", matrix.failures.join("; "));
+            }
+            Ok(())
         }
         Cmd::Load { args } => {
             if !wants_help(&args) {
@@ -98,9 +112,10 @@ fn wants_help(args: &[String]) -> bool {
 }
 
 /// The README's test command: every tier, nothing skipped. The end-to-end tests spawn the
-/// workspace's binaries, so those are built first in the same profile. Ends with one total line,
-/// `N passed, N failed`, summed over every test binary.
-fn test(extra: &[String]) -> Result<()> {
+/// workspace's binaries, so those are built first in the same profile. Then the kernel leg: the
+/// eBPF load and capture tests on the oldest supported kernel, booted under QEMU. Ends with one
+/// total line, `N passed, N failed`, summed over every test binary and the kernel leg.
+fn test(host_only: bool, extra: &[String]) -> Result<()> {
     setup::ensure()?;
     require_root("the netns and BPF tests create namespaces, cgroups and BPF links")?;
     cargo(&["build", "--workspace", "--bins"])?;
@@ -124,9 +139,28 @@ fn test(extra: &[String]) -> Result<()> {
         }
     }
     let status = child.wait()?;
-    println!("{passed} passed, {failed} failed");
+    let mut problems = Vec::new();
     if !status.success() || failed > 0 {
-        bail!("tests failed ({status})");
+        problems.push(format!("tests on this machine failed ({status})"));
+    }
+    if !host_only {
+        eprintln!(
+            "xtask: kernel leg: the capture tests on Linux {}",
+            vm::OLDEST
+        );
+        let matrix = vm::run(&vm::Options {
+            kernels: vec![vm::OLDEST.to_owned()],
+            filter: Vec::new(),
+            timeout: std::time::Duration::from_secs(20 * 60),
+            jobs: 2,
+        })?;
+        passed += matrix.passed;
+        failed += matrix.failed;
+        problems.extend(matrix.failures);
+    }
+    println!("{passed} passed, {failed} failed");
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
     }
     if passed == 0 {
         bail!("no test ran");

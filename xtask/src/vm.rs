@@ -14,7 +14,6 @@
 //! `modprobe`), and the workspace's test binaries at the same absolute paths as on the host,
 //! because the tests find `sluice-lab` and `sluice-proxy` through paths compiled into them.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -40,10 +39,17 @@ struct KernelSpec {
 /// The OpenPGP keyring that apt checks the archive's signatures with.
 enum Keyring {
     /// A file from a Debian package on this machine (installed when missing).
-    Host { path: &'static str, package: &'static str },
+    Host {
+        path: &'static str,
+        package: &'static str,
+    },
     /// A keyring package fetched from the archive itself, accepted only with this SHA-256 (the
     /// hash pins the trust; Debian does not package Ubuntu's keyring).
-    Pinned { url: &'static str, sha256: &'static str, member: &'static str },
+    Pinned {
+        url: &'static str,
+        sha256: &'static str,
+        member: &'static str,
+    },
 }
 
 const DEBIAN_KEYRING: Keyring = Keyring::Host {
@@ -98,7 +104,12 @@ const GUEST_TOOLS: &[&str] = &[
 /// iptables loads its match and target extensions with dlopen from here.
 const XTABLES_DIR: &str = "/usr/lib/x86_64-linux-gnu/xtables";
 /// Module subtrees the tests can need: veth, netfilter (and what it depends on).
-const MODULE_DIRS: &[&str] = &["kernel/net", "kernel/lib", "kernel/crypto", "kernel/drivers/net/veth.ko"];
+const MODULE_DIRS: &[&str] = &[
+    "kernel/net",
+    "kernel/lib",
+    "kernel/crypto",
+    "kernel/drivers/net/veth.ko",
+];
 /// Printed by the guest's init; everything the host learns comes from these lines.
 const MARK: &str = "sluice-vm:";
 
@@ -113,16 +124,34 @@ pub fn kernel_names() -> Vec<&'static str> {
     KERNELS.iter().map(|k| k.name).collect()
 }
 
-pub fn run(opts: &Options) -> Result<()> {
+/// The oldest kernel line of the matrix: the leg `cargo xtask test` runs.
+pub const OLDEST: &str = "5.10";
+
+/// What the matrix found, over every kernel it booted.
+pub struct Matrix {
+    pub passed: u64,
+    pub failed: u64,
+    /// One line per kernel that did not pass, saying why.
+    pub failures: Vec<String>,
+}
+
+/// Boots each kernel of `opts` in turn and runs the tests in it; prints a table at the end.
+pub fn run(opts: &Options) -> Result<Matrix> {
     let mut specs = Vec::new();
     for name in &opts.kernels {
         let spec = KERNELS.iter().find(|k| k.name == name).with_context(|| {
-            format!("no kernel {name} in the matrix; choose from {}", kernel_names().join(", "))
+            format!(
+                "no kernel {name} in the matrix; choose from {}",
+                kernel_names().join(", ")
+            )
         })?;
         specs.push(spec);
     }
     setup::ensure()?;
-    setup::apt_install(&["qemu-system-x86", "busybox-static"], "booting test kernels")?;
+    setup::apt_install(
+        &["qemu-system-x86", "busybox-static"],
+        "booting test kernels (cargo xtask vm-test)",
+    )?;
     let root = setup::workspace_root()?;
     let cache = root.join("target/vm");
     let binaries = build_test_binaries(&root)?;
@@ -144,8 +173,15 @@ pub fn run(opts: &Options) -> Result<()> {
         results.push((spec.name, kernel.release.clone(), outcome));
     }
     println!();
-    println!("{:<6} {:<28} {:<6} {:>6} {:>6} {:>8}", "kernel", "release", "result", "passed", "failed", "time");
-    let mut failed = Vec::new();
+    println!(
+        "{:<6} {:<28} {:<6} {:>6} {:>6} {:>8}",
+        "kernel", "release", "result", "passed", "failed", "time"
+    );
+    let mut matrix = Matrix {
+        passed: 0,
+        failed: 0,
+        failures: Vec::new(),
+    };
     for (name, release, o) in &results {
         let verdict = if o.ok() { "PASS" } else { "FAIL" };
         println!(
@@ -154,14 +190,17 @@ pub fn run(opts: &Options) -> Result<()> {
             o.failed,
             o.elapsed.as_secs_f64()
         );
+        matrix.passed += o.passed;
+        // A kernel that failed without a failing test (boot, timeout, check) counts as one.
+        matrix.failed += if o.ok() { 0 } else { o.failed.max(1) };
         if !o.ok() {
-            failed.push(format!("{name}: {}", o.reason()));
+            matrix.failures.push(format!(
+                "{name} ({release}): {}; see the console log in target/vm/console-{name}.log",
+                o.reason()
+            ));
         }
     }
-    if !failed.is_empty() {
-        bail!("vm-test failed on {}", failed.join("; "));
-    }
-    Ok(())
+    Ok(matrix)
 }
 
 /// The test binaries that run in the guest, by their host paths.
@@ -176,13 +215,24 @@ fn build_test_binaries(root: &Path) -> Result<TestBinaries> {
     crate::cargo(&["build", "--workspace", "--bins"])?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let out = Command::new(&cargo)
-        .args(["test", "-p", "sluice-lab", "--test", "e2e", "--no-run", "--message-format=json"])
+        .args([
+            "test",
+            "-p",
+            "sluice-lab",
+            "--test",
+            "e2e",
+            "--no-run",
+            "--message-format=json",
+        ])
         .current_dir(root)
         .stderr(Stdio::inherit())
         .output()
         .context("build the end-to-end test binary")?;
     if !out.status.success() {
-        bail!("building the end-to-end test binary failed ({})", out.status);
+        bail!(
+            "building the end-to-end test binary failed ({})",
+            out.status
+        );
     }
     // One JSON object per line; the test executable is the artifact with `"test":true`.
     let e2e = String::from_utf8_lossy(&out.stdout)
@@ -198,7 +248,10 @@ fn build_test_binaries(root: &Path) -> Result<TestBinaries> {
         })
         .context("cargo did not report the e2e test executable")?;
     let dir = root.join("target/debug");
-    let bins = ["sluice-lab", "sluice-proxy", "sluice-load"].iter().map(|b| dir.join(b)).collect();
+    let bins = ["sluice-lab", "sluice-proxy", "sluice-load"]
+        .iter()
+        .map(|b| dir.join(b))
+        .collect();
     Ok(TestBinaries { bins, e2e })
 }
 
@@ -211,7 +264,9 @@ struct Kernel {
 
 fn fetch_kernel(spec: &KernelSpec, dir: &Path) -> Result<Kernel> {
     let keyring = keyring(&spec.keyring, dir)?;
-    let sources = spec.sources.replace("{keyring}", keyring.to_str().context("keyring path")?);
+    let sources = spec
+        .sources
+        .replace("{keyring}", keyring.to_str().context("keyring path")?);
     let apt = AptState::new(dir, &sources)?;
     let debs_dir = dir.join("debs");
     fs::create_dir_all(&debs_dir)?;
@@ -221,7 +276,11 @@ fn fetch_kernel(spec: &KernelSpec, dir: &Path) -> Result<Kernel> {
         let prefix = format!("{package}_");
         let cached = fs::read_dir(&debs_dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)));
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix))
+            });
         let deb = match cached {
             Some(deb) => deb,
             None => {
@@ -229,7 +288,11 @@ fn fetch_kernel(spec: &KernelSpec, dir: &Path) -> Result<Kernel> {
                 apt.download(package, &debs_dir)?;
                 fs::read_dir(&debs_dir)?
                     .filter_map(|e| e.ok().map(|e| e.path()))
-                    .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
+                    .find(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with(&prefix))
+                    })
                     .with_context(|| format!("apt-get download {package} left no .deb"))?
             }
         };
@@ -250,7 +313,11 @@ fn fetch_kernel(spec: &KernelSpec, dir: &Path) -> Result<Kernel> {
     let vmlinuz = fs::read_dir(&boot)
         .with_context(|| format!("{} has no boot/ dir", tree.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
         .context("the kernel package has no vmlinuz")?;
     let release = vmlinuz
         .file_name()
@@ -258,11 +325,18 @@ fn fetch_kernel(spec: &KernelSpec, dir: &Path) -> Result<Kernel> {
         .and_then(|n| n.strip_prefix("vmlinuz-"))
         .context("vmlinuz name")?
         .to_owned();
-    let modules = [tree.join("lib/modules").join(&release), tree.join("usr/lib/modules").join(&release)]
-        .into_iter()
-        .find(|p| p.is_dir())
-        .with_context(|| format!("the packages hold no modules for {release}"))?;
-    Ok(Kernel { release, vmlinuz, modules })
+    let modules = [
+        tree.join("lib/modules").join(&release),
+        tree.join("usr/lib/modules").join(&release),
+    ]
+    .into_iter()
+    .find(|p| p.is_dir())
+    .with_context(|| format!("the packages hold no modules for {release}"))?;
+    Ok(Kernel {
+        release,
+        vmlinuz,
+        modules,
+    })
 }
 
 fn keyring(keyring: &Keyring, dir: &Path) -> Result<PathBuf> {
@@ -271,7 +345,11 @@ fn keyring(keyring: &Keyring, dir: &Path) -> Result<PathBuf> {
             setup::apt_install(&[package], "checking the kernel archive's signatures")?;
             Ok(PathBuf::from(path))
         }
-        Keyring::Pinned { url, sha256, member } => {
+        Keyring::Pinned {
+            url,
+            sha256,
+            member,
+        } => {
             let unpacked = dir.join("keyring");
             let path = unpacked.join(member);
             if path.exists() {
@@ -280,8 +358,13 @@ fn keyring(keyring: &Keyring, dir: &Path) -> Result<PathBuf> {
             setup::apt_install(&["curl"], "fetching the kernel archive's keyring")?;
             let deb = dir.join("keyring.deb");
             fs::create_dir_all(dir)?;
-            run_quiet(Command::new("curl").args(["-fsSL", "--max-time", "120", "-o"]).arg(&deb).arg(url))
-                .with_context(|| format!("download {url}"))?;
+            run_quiet(
+                Command::new("curl")
+                    .args(["-fsSL", "--max-time", "120", "-o"])
+                    .arg(&deb)
+                    .arg(url),
+            )
+            .with_context(|| format!("download {url}"))?;
             let sum = capture(Command::new("sha256sum").arg(&deb))?;
             if sum.split_whitespace().next() != Some(sha256) {
                 let _ = fs::remove_file(&deb);
@@ -303,7 +386,11 @@ impl AptState {
         let parts = dir.join("apt/sources.list.d");
         let lists = dir.join("apt/lists");
         let cache = dir.join("apt/cache");
-        for d in [&parts, &lists.join("partial"), &cache.join("archives/partial")] {
+        for d in [
+            &parts,
+            &lists.join("partial"),
+            &cache.join("archives/partial"),
+        ] {
             fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
         }
         fs::write(parts.join("kernel.sources"), sources)?;
@@ -318,15 +405,25 @@ impl AptState {
             "Acquire::Languages=none".to_owned(),
         ];
         let state = Self {
-            options: options.iter().flat_map(|o| ["-o".to_owned(), o.clone()]).collect(),
+            options: options
+                .iter()
+                .flat_map(|o| ["-o".to_owned(), o.clone()])
+                .collect(),
         };
         // Refresh at most daily: the lists decide which kernel build is newest.
         let fresh = fs::metadata(dir.join("apt/updated"))
             .and_then(|m| m.modified())
-            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < Duration::from_secs(86_400)));
+            .is_ok_and(|t| {
+                t.elapsed()
+                    .is_ok_and(|age| age < Duration::from_secs(86_400))
+            });
         if !fresh {
-            run_quiet(Command::new("apt-get").args(&state.options).args(["-q", "update"]))
-                .context("apt-get update for the kernel archive failed; is the mirror reachable?")?;
+            run_quiet(
+                Command::new("apt-get")
+                    .args(&state.options)
+                    .args(["-q", "update"]),
+            )
+            .context("apt-get update for the kernel archive failed; is the mirror reachable?")?;
             fs::write(dir.join("apt/updated"), "")?;
         }
         Ok(state)
@@ -338,11 +435,21 @@ impl AptState {
         let mut found = Vec::new();
         let mut queue = vec![meta.to_owned()];
         while let Some(package) = queue.pop() {
-            let out = capture(Command::new("apt-cache").args(&self.options).args(["depends", &package]))?;
-            for dep in out.lines().filter_map(|l| l.trim().strip_prefix("Depends: ")) {
+            let out = capture(
+                Command::new("apt-cache")
+                    .args(&self.options)
+                    .args(["depends", &package]),
+            )?;
+            for dep in out
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("Depends: "))
+            {
                 let dep = dep.trim_start_matches('<').trim_end_matches('>').to_owned();
-                let versioned = dep.strip_prefix("linux-image-").or_else(|| dep.strip_prefix("linux-modules-"));
-                let is_kernel = versioned.is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()));
+                let versioned = dep
+                    .strip_prefix("linux-image-")
+                    .or_else(|| dep.strip_prefix("linux-modules-"));
+                let is_kernel =
+                    versioned.is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()));
                 if is_kernel && !found.contains(&dep) {
                     found.push(dep.clone());
                     queue.push(dep);
@@ -375,35 +482,80 @@ impl Accel {
     /// KVM when a guest really boots with it (on nested virtualisation `/dev/kvm` can exist and
     /// still hang every guest), otherwise TCG. The probe boots nothing but a shell that powers off.
     fn detect(cache: &Path) -> Result<Self> {
-        if fs::File::options().read(true).write(true).open("/dev/kvm").is_err() {
+        if fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
             return Ok(Self { kvm: false });
         }
-        let Some(spec) = KERNELS.first() else { return Ok(Self { kvm: false }) };
+        // The answer holds until the host reboots: remember it under this boot's id.
+        let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let memo = cache.join("kvm-probe");
+        if let Ok(seen) = fs::read_to_string(&memo)
+            && let Some((id, answer)) = seen.split_once(' ')
+            && id == boot_id.trim()
+        {
+            return Ok(Self {
+                kvm: answer.trim() == "kvm",
+            });
+        }
+        let Some(spec) = KERNELS.first() else {
+            return Ok(Self { kvm: false });
+        };
         let kernel = fetch_kernel(spec, &cache.join("kernels").join(spec.name))?;
         let initrd = cache.join("initramfs-probe.cpio");
         let mut cpio = Cpio::create(&initrd)?;
         cpio.file_from_host("/bin/busybox", Path::new("/bin/busybox"))?;
-        cpio.bytes("/init", 0o755, b"#!/bin/busybox sh\n/bin/busybox echo sluice-vm: exit=0\n/bin/busybox poweroff -f\n")?;
+        cpio.bytes(
+            "/init",
+            0o755,
+            format!(
+                "#!/bin/busybox sh\n/bin/busybox echo {MARK} exit=0\n/bin/busybox poweroff -f\n"
+            )
+            .as_bytes(),
+        )?;
         cpio.finish()?;
         let log = cache.join("console-kvm-probe.log");
         let probe = Self { kvm: true };
-        let works = boot(&kernel, &initrd, &probe, Duration::from_secs(20), &log).is_ok_and(|o| o.exit == Some(0));
+        let works = boot(&kernel, &initrd, &probe, Duration::from_secs(20), &log)
+            .is_ok_and(|o| o.exit == Some(0));
         if !works {
-            eprintln!("xtask vm-test: /dev/kvm is present but a KVM guest did not boot in 20 s (nested virtualisation?); using TCG");
+            eprintln!(
+                "xtask vm-test: /dev/kvm is present but a KVM guest did not boot in 20 s \
+                 (nested virtualisation?); using TCG"
+            );
         }
+        let answer = if works { "kvm" } else { "tcg" };
+        fs::write(&memo, format!("{} {answer}\n", boot_id.trim()))?;
         Ok(Self { kvm: works })
     }
 
     fn describe(&self) -> &'static str {
-        if self.kvm { "KVM" } else { "TCG (software emulation, slower)" }
+        if self.kvm {
+            "KVM"
+        } else {
+            "TCG (software emulation, slower)"
+        }
     }
 
     fn args(&self) -> &'static [&'static str] {
-        if self.kvm { &["-accel", "kvm", "-cpu", "host"] } else { &["-accel", "tcg", "-cpu", "max"] }
+        if self.kvm {
+            &["-accel", "kvm", "-cpu", "host"]
+        } else {
+            &["-accel", "tcg", "-cpu", "max"]
+        }
     }
 }
 
-fn build_initramfs(kernel: &Kernel, tests: &TestBinaries, filter: &[String], jobs: u32, out: &Path) -> Result<()> {
+fn build_initramfs(
+    kernel: &Kernel,
+    tests: &TestBinaries,
+    filter: &[String],
+    jobs: u32,
+    out: &Path,
+) -> Result<()> {
     let mut cpio = Cpio::create(out)?;
     cpio.file_from_host("/bin/busybox", Path::new("/bin/busybox"))
         .context("busybox-static provides the guest's init and modprobe")?;
@@ -411,7 +563,8 @@ fn build_initramfs(kernel: &Kernel, tests: &TestBinaries, filter: &[String], job
     let mut elves: Vec<PathBuf> = Vec::new();
     for tool in GUEST_TOOLS {
         let path = Path::new(tool);
-        let meta = fs::symlink_metadata(path).with_context(|| format!("{tool} is missing on the host"))?;
+        let meta =
+            fs::symlink_metadata(path).with_context(|| format!("{tool} is missing on the host"))?;
         if meta.file_type().is_symlink() {
             // Keep the multi-call binary's links: iptables dispatches on argv[0].
             let target = fs::canonicalize(path)?;
@@ -441,12 +594,19 @@ fn build_initramfs(kernel: &Kernel, tests: &TestBinaries, filter: &[String], job
     }
     let e2e = tests.e2e.to_str().context("path")?;
     let load = tests.bins[2].to_str().context("path")?;
-    cpio.bytes("/init", 0o755, init_script(e2e, load, filter, jobs).as_bytes())?;
+    cpio.bytes(
+        "/init",
+        0o755,
+        init_script(e2e, load, filter, jobs).as_bytes(),
+    )?;
     cpio.finish()
 }
 
 fn init_script(e2e: &str, load: &str, filter: &[String], jobs: u32) -> String {
-    let filter: String = filter.iter().map(|f| format!(" '{}'", f.replace('\'', ""))).collect();
+    let filter: String = filter
+        .iter()
+        .map(|f| format!(" '{}'", f.replace('\'', "")))
+        .collect();
     format!(
         r#"#!/bin/busybox sh
 # Guest init: mount what the tests use, run them, report, power off.
@@ -478,28 +638,37 @@ poweroff -f
 
 /// Every shared library `elves` load, transitively (ldd resolves the whole tree).
 fn shared_libraries(elves: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut libs = BTreeMap::new();
+    let mut libs = std::collections::BTreeSet::new();
     for elf in elves {
         let out = Command::new("ldd").arg(elf).output().context("run ldd")?;
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` or `/lib64/ld-linux-x86-64.so.2 (0x...)`
-            let path = match line.split_once("=>") {
-                Some((_, rest)) => rest.split_whitespace().next(),
-                None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
-            };
-            if let Some(path) = path.filter(|p| p.starts_with('/')) {
-                libs.insert(PathBuf::from(path), ());
-            }
-        }
+        libs.extend(parse_ldd(&String::from_utf8_lossy(&out.stdout)));
     }
-    Ok(libs.into_keys().collect())
+    Ok(libs.into_iter().collect())
+}
+
+/// The library paths in ldd's output: `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)`
+/// or `/lib64/ld-linux-x86-64.so.2 (0x...)`; the vDSO has no file and is skipped.
+fn parse_ldd(output: &str) -> Vec<PathBuf> {
+    output
+        .lines()
+        .filter_map(|line| match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        })
+        .filter(|path| path.starts_with('/'))
+        .map(PathBuf::from)
+        .collect()
 }
 
 fn add_modules(cpio: &mut Cpio, kernel: &Kernel) -> Result<()> {
     let guest_dir = format!("/lib/modules/{}", kernel.release);
     for entry in fs::read_dir(&kernel.modules)? {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).context("module file name")?.to_owned();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("module file name")?
+            .to_owned();
         if name.starts_with("modules.") && path.is_file() {
             cpio.file_from_host(&format!("{guest_dir}/{name}"), &path)?;
         }
@@ -519,7 +688,11 @@ fn add_tree(cpio: &mut Cpio, host: &Path, guest: &str) -> Result<()> {
         for entry in fs::read_dir(host)? {
             let entry = entry?;
             let name = entry.file_name();
-            add_tree(cpio, &entry.path(), &format!("{guest}/{}", name.to_string_lossy()))?;
+            add_tree(
+                cpio,
+                &entry.path(),
+                &format!("{guest}/{}", name.to_string_lossy()),
+            )?;
         }
     } else if meta.is_file() {
         cpio.file_from_host(guest, host)?;
@@ -539,6 +712,39 @@ struct Outcome {
 }
 
 impl Outcome {
+    fn new() -> Self {
+        Self {
+            exit: None,
+            check_kernel: None,
+            passed: 0,
+            failed: 0,
+            failures: Vec::new(),
+            timed_out: false,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    /// Takes in one console line: the init's markers and the test harness's own lines.
+    fn observe(&mut self, line: &str) {
+        if let Some(rest) = line.split_once(MARK).map(|(_, r)| r.trim()) {
+            if let Some(code) = rest.strip_prefix("exit=") {
+                self.exit = code.parse().ok();
+            } else if let Some(code) = rest.strip_prefix("check-kernel=") {
+                self.check_kernel = code.parse().ok();
+            }
+        }
+        if let Some((p, f)) = crate::parse_test_result(line) {
+            self.passed += p;
+            self.failed += f;
+        }
+        if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.strip_suffix(" ... FAILED"))
+        {
+            self.failures.push(name.to_owned());
+        }
+    }
+
     fn ok(&self) -> bool {
         self.exit == Some(0) && self.check_kernel == Some(0) && self.failed == 0 && self.passed > 0
     }
@@ -563,15 +769,33 @@ impl Outcome {
     }
 }
 
-fn boot(kernel: &Kernel, initrd: &Path, accel: &Accel, timeout: Duration, log: &Path) -> Result<Outcome> {
+fn boot(
+    kernel: &Kernel,
+    initrd: &Path,
+    accel: &Accel,
+    timeout: Duration,
+    log: &Path,
+) -> Result<Outcome> {
     let mut child = Command::new("qemu-system-x86_64")
         .args(accel.args())
-        .args(["-m", "2048", "-smp", "2", "-nographic", "-no-reboot", "-nic", "none"])
+        .args([
+            "-m",
+            "2048",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+            "-nic",
+            "none",
+        ])
         .arg("-kernel")
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init"])
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -582,42 +806,28 @@ fn boot(kernel: &Kernel, initrd: &Path, accel: &Accel, timeout: Duration, log: &
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).split(b'\n') {
             let Ok(line) = line else { break };
-            if tx.send(String::from_utf8_lossy(&line).trim_end_matches('\r').to_owned()).is_err() {
+            if tx
+                .send(
+                    String::from_utf8_lossy(&line)
+                        .trim_end_matches('\r')
+                        .to_owned(),
+                )
+                .is_err()
+            {
                 break;
             }
         }
     });
     let mut file = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
     let started = Instant::now();
-    let mut outcome = Outcome {
-        exit: None,
-        check_kernel: None,
-        passed: 0,
-        failed: 0,
-        failures: Vec::new(),
-        timed_out: false,
-        elapsed: Duration::ZERO,
-    };
+    let mut outcome = Outcome::new();
     loop {
         let left = timeout.saturating_sub(started.elapsed());
         match rx.recv_timeout(left.min(Duration::from_secs(1))) {
             Ok(line) => {
                 writeln!(file, "{line}")?;
                 println!("  | {line}");
-                if let Some(rest) = line.split_once(MARK).map(|(_, r)| r.trim()) {
-                    if let Some(code) = rest.strip_prefix("exit=") {
-                        outcome.exit = code.parse().ok();
-                    } else if let Some(code) = rest.strip_prefix("check-kernel=") {
-                        outcome.check_kernel = code.parse().ok();
-                    }
-                }
-                if let Some((p, f)) = crate::parse_test_result(&line) {
-                    outcome.passed += p;
-                    outcome.failed += f;
-                }
-                if let Some(name) = line.strip_prefix("test ").and_then(|l| l.strip_suffix(" ... FAILED")) {
-                    outcome.failures.push(name.to_owned());
-                }
+                outcome.observe(&line);
             }
             Err(mpsc::RecvTimeoutError::Timeout) if left.is_zero() => {
                 outcome.timed_out = true;
@@ -729,8 +939,17 @@ impl Cpio {
 
     /// A workspace binary without its debug info (a tenth of the size, the same code).
     fn stripped_binary(&mut self, host: &Path) -> Result<()> {
-        let tmp = std::env::temp_dir().join(format!("sluice-vm-strip-{}-{}", std::process::id(), self.ino));
-        run_quiet(Command::new("objcopy").arg("--strip-debug").arg(host).arg(&tmp))?;
+        let tmp = std::env::temp_dir().join(format!(
+            "sluice-vm-strip-{}-{}",
+            std::process::id(),
+            self.ino
+        ));
+        run_quiet(
+            Command::new("objcopy")
+                .arg("--strip-debug")
+                .arg(host)
+                .arg(&tmp),
+        )?;
         let result = self.file_from_host(host.to_str().context("path")?, &tmp);
         let _ = fs::remove_file(&tmp);
         result
@@ -744,7 +963,9 @@ impl Cpio {
 }
 
 fn run_quiet(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("run {:?}", cmd.get_program()))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("run {:?}", cmd.get_program()))?;
     if !out.status.success() {
         bail!(
             "{:?} {:?} failed ({}): {}",
@@ -758,9 +979,153 @@ fn run_quiet(cmd: &mut Command) -> Result<()> {
 }
 
 fn capture(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("run {:?}", cmd.get_program()))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("run {:?}", cmd.get_program()))?;
     if !out.status.success() {
-        bail!("{:?} failed: {}", cmd.get_program(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{:?} failed: {}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads a newc archive back: (name, mode, data) per entry, checking the format's rules.
+    fn parse_newc(bytes: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
+        let field = |at: usize, i: usize| {
+            let hex = std::str::from_utf8(&bytes[at + 6 + 8 * i..at + 14 + 8 * i]).unwrap();
+            usize::from_str_radix(hex, 16).unwrap()
+        };
+        let mut entries = Vec::new();
+        let mut at = 0;
+        loop {
+            assert_eq!(&bytes[at..at + 6], b"070701", "magic at {at}");
+            let (mode, size, namesize) = (field(at, 1) as u32, field(at, 6), field(at, 11));
+            let name_at = at + 110;
+            let name = std::str::from_utf8(&bytes[name_at..name_at + namesize - 1]).unwrap();
+            assert_eq!(bytes[name_at + namesize - 1], 0, "names are NUL terminated");
+            let data_at = (name_at + namesize).next_multiple_of(4);
+            let data = bytes[data_at..data_at + size].to_vec();
+            at = (data_at + size).next_multiple_of(4);
+            if name == "TRAILER!!!" {
+                assert_eq!(at, bytes.len(), "nothing after the trailer");
+                return entries;
+            }
+            entries.push((name.to_owned(), mode, data));
+        }
+    }
+
+    #[test]
+    fn cpio_archives_follow_the_newc_format() {
+        let path = std::env::temp_dir().join(format!("sluice-cpio-test-{}", std::process::id()));
+        let mut cpio = Cpio::create(&path).unwrap();
+        cpio.bytes("/init", 0o755, b"#!/bin/sh\n").unwrap();
+        cpio.bytes("/usr/lib/x/libfoo.so", 0o644, b"12345").unwrap();
+        cpio.bytes("/usr/lib/x/libfoo.so", 0o644, b"again").unwrap();
+        cpio.symlink("/sbin/modprobe", "/bin/busybox").unwrap();
+        cpio.finish().unwrap();
+        let entries = parse_newc(&std::fs::read(&path).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        let names: Vec<&str> = entries.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "init",
+                "usr",
+                "usr/lib",
+                "usr/lib/x",
+                "usr/lib/x/libfoo.so",
+                "sbin",
+                "sbin/modprobe"
+            ],
+            "parents come before children, each once, and a path is written once"
+        );
+        assert_eq!(entries[0].1, 0o100_755);
+        assert_eq!(entries[1].1, 0o040_755);
+        assert_eq!(entries[4].2, b"12345");
+        assert_eq!(
+            (entries[6].1, entries[6].2.as_slice()),
+            (0o120_777, &b"/bin/busybox"[..])
+        );
+    }
+
+    #[test]
+    fn ldd_output_gives_every_library_file() {
+        let out = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                   \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f)\n\
+                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
+                   \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n\
+                   \tlibmissing.so => not found\n";
+        assert_eq!(
+            parse_ldd(out),
+            [
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+            .map(PathBuf::from)
+        );
+    }
+
+    #[test]
+    fn console_lines_decide_the_outcome() {
+        let mut o = Outcome::new();
+        for line in [
+            "[    2.1] random kernel chatter",
+            "sluice-vm: check-kernel=0",
+            "test ebpf::a ... ok",
+            "test ebpf::b ... FAILED",
+            "test result: FAILED. 20 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+            "sluice-vm: exit=101",
+        ] {
+            o.observe(line);
+        }
+        assert_eq!(
+            (o.passed, o.failed, o.exit, o.check_kernel),
+            (20, 1, Some(101), Some(0))
+        );
+        assert_eq!(o.failures, ["ebpf::b"]);
+        assert!(!o.ok());
+        assert!(o.reason().contains("ebpf::b"), "{}", o.reason());
+
+        let mut quiet = Outcome::new();
+        quiet.observe("sluice-vm: check-kernel=1");
+        assert!(
+            !quiet.ok(),
+            "a guest that never reports an exit status has failed"
+        );
+        assert!(
+            quiet.reason().contains("--check-kernel"),
+            "{}",
+            quiet.reason()
+        );
+
+        let mut good = Outcome::new();
+        for line in [
+            "sluice-vm: check-kernel=0",
+            "test result: ok. 22 passed; 0 failed;",
+            "sluice-vm: exit=0",
+        ] {
+            good.observe(line);
+        }
+        assert!(good.ok());
+    }
+
+    #[test]
+    fn every_kernel_source_names_its_keyring() {
+        for spec in KERNELS {
+            assert!(
+                spec.sources.contains("Signed-By: {keyring}"),
+                "{} is unsigned",
+                spec.name
+            );
+        }
+        assert!(KERNELS.iter().any(|k| k.name == OLDEST));
+    }
 }

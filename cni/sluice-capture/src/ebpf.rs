@@ -88,6 +88,13 @@ impl EbpfCapture {
     /// the pods an earlier one enrolled) or creating and pinning them.
     pub fn load(root: impl Into<PathBuf>) -> Result<Self, CaptureError> {
         let root = root.into();
+        if !crate::kernel::supported() {
+            return Err(CaptureError::Unsupported {
+                feature: "eBPF capture (sk_lookup, netns and cgroup BPF links)",
+                since: "5.10",
+                kernel: crate::kernel::release(),
+            });
+        }
         ensure_bpffs(&root)?;
         for dir in ["maps", "pods", "proxy"] {
             let dir = root.join(dir);
@@ -184,9 +191,7 @@ impl EbpfCapture {
             netns: pod.netns.clone(),
             source,
         };
-        let netns_ino = netns
-            .inode()
-            .map_err(|e| in_netns("stat the netns", e))?;
+        let netns_ino = netns.inode().map_err(|e| in_netns("stat the netns", e))?;
         let addrs = if pod.addrs.is_empty() {
             netns
                 .addresses()
@@ -625,10 +630,16 @@ fn ignore_missing(result: Result<(), MapError>, map: &'static str) -> Result<(),
 /// Outbound connections are redirected to the proxy on the pod's first address of each family
 /// (why its own address and not loopback: see `PodConfig`).
 fn set_redirect_addrs(config: &mut PodConfig, addrs: &[IpAddr]) {
-    if let Some(v4) = addrs.iter().find(|a| addr_key(**a).family == sluice_common::AF_INET) {
+    if let Some(v4) = addrs
+        .iter()
+        .find(|a| addr_key(**a).family == sluice_common::AF_INET)
+    {
         config.redirect_ip4 = addr_key(*v4).addr[0];
     }
-    if let Some(v6) = addrs.iter().find(|a| addr_key(**a).family == sluice_common::AF_INET6) {
+    if let Some(v6) = addrs
+        .iter()
+        .find(|a| addr_key(**a).family == sluice_common::AF_INET6)
+    {
         config.redirect_ip6 = addr_key(*v6).addr;
     }
 }

@@ -43,11 +43,7 @@ impl InboundSocketMap {
                 source,
             })?;
         self.map
-            .insert(
-                PodKey { netns_ino },
-                listener.as_fd().as_raw_fd(),
-                0,
-            )
+            .insert(PodKey { netns_ino }, listener.as_fd().as_raw_fd(), 0)
             .map_err(|source| CaptureError::Map {
                 map: maps::PROXY_INBOUND,
                 source,

@@ -196,17 +196,27 @@ fn check_kernel(json: bool) -> Result<()> {
     } else {
         for check in &checks {
             let mark = if check.ok { "ok  " } else { "FAIL" };
-            println!("{mark} {}", check.what);
-            if !check.ok || !check.detail.is_empty() && check.what.starts_with("kernel ") {
-                for line in check.detail.lines() {
-                    println!("       {line}");
-                }
+            let mut lines = check.detail.lines();
+            match lines.next() {
+                Some(first) => println!("{mark} {}: {first}", check.what),
+                None => println!("{mark} {}", check.what),
+            }
+            // The rest is a verifier log: print it whole, indented.
+            for line in lines {
+                println!("       {line}");
             }
         }
     }
-    let missing: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.what.as_str()).collect();
+    let missing: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.what.as_str())
+        .collect();
     if !missing.is_empty() {
-        bail!("this kernel lacks what sluice needs: {}", missing.join("; "));
+        bail!(
+            "this kernel lacks what sluice needs: {}",
+            missing.join("; ")
+        );
     }
     Ok(())
 }

@@ -123,7 +123,11 @@ pub fn clients_in_container_cgroups_are_captured(backend: Backend) -> Result<()>
         );
         // Each connection went through the proxy: one more access-log line each time.
         proxy.wait_for_log_lines(
-            &["direction=\"outbound\"", "dst=10.99.0.1:9091", "connection closed"],
+            &[
+                "direction=\"outbound\"",
+                "dst=10.99.0.1:9091",
+                "connection closed",
+            ],
             n + 1,
         )?;
     }
