@@ -169,7 +169,7 @@ pub fn run(opts: &Options) -> Result<Matrix> {
             accel.describe(),
             log.display()
         );
-        let outcome = boot(&kernel, &initrd, &accel, opts.timeout, &log)?;
+        let outcome = boot(&kernel, &initrd, &accel, opts.timeout, &log, true)?;
         results.push((spec.name, kernel.release.clone(), outcome));
     }
     println!();
@@ -519,8 +519,15 @@ impl Accel {
         cpio.finish()?;
         let log = cache.join("console-kvm-probe.log");
         let probe = Self { kvm: true };
-        let works = boot(&kernel, &initrd, &probe, Duration::from_secs(20), &log)
-            .is_ok_and(|o| o.exit == Some(0));
+        let works = boot(
+            &kernel,
+            &initrd,
+            &probe,
+            Duration::from_secs(20),
+            &log,
+            false,
+        )
+        .is_ok_and(|o| o.exit == Some(0));
         if !works {
             eprintln!(
                 "xtask vm-test: /dev/kvm is present but a KVM guest did not boot in 20 s \
@@ -612,11 +619,13 @@ fn init_script(e2e: &str, load: &str, filter: &[String], jobs: u32) -> String {
 # Guest init: mount what the tests use, run them, report, power off.
 /bin/busybox --install -s /bin
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1 RUST_LIB_BACKTRACE=0
+# The root is the unpacked initramfs, already writable: /tmp stays a plain directory (a mount
+# there would hide a workspace that lives under /tmp).
 mkdir -p /proc /sys /dev /tmp /run /root /var
+chmod 1777 /tmp
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 ln -s /run /var/run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
@@ -775,7 +784,15 @@ fn boot(
     accel: &Accel,
     timeout: Duration,
     log: &Path,
+    echo: bool,
 ) -> Result<Outcome> {
+    let mut file = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    // A probe keeps QEMU's complaints in its log; a real run shows them.
+    let stderr = if echo {
+        Stdio::inherit()
+    } else {
+        Stdio::from(file.try_clone()?)
+    };
     let mut child = Command::new("qemu-system-x86_64")
         .args(accel.args())
         .args([
@@ -798,7 +815,7 @@ fn boot(
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .context("start qemu-system-x86_64")?;
     let stdout = child.stdout.take().context("qemu stdout")?;
@@ -818,7 +835,6 @@ fn boot(
             }
         }
     });
-    let mut file = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
     let started = Instant::now();
     let mut outcome = Outcome::new();
     loop {
@@ -826,7 +842,9 @@ fn boot(
         match rx.recv_timeout(left.min(Duration::from_secs(1))) {
             Ok(line) => {
                 writeln!(file, "{line}")?;
-                println!("  | {line}");
+                if echo {
+                    println!("  | {line}");
+                }
                 outcome.observe(&line);
             }
             Err(mpsc::RecvTimeoutError::Timeout) if left.is_zero() => {
