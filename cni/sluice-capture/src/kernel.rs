@@ -124,7 +124,11 @@ pub fn release() -> String {
 /// Whether the running kernel is at or above [`FLOOR`] (true when the release cannot be read:
 /// the loads that follow then fail with the kernel's own error).
 pub fn supported() -> bool {
-    version().is_none_or(|v| v >= FLOOR)
+    meets_floor(&release())
+}
+
+fn meets_floor(release: &str) -> bool {
+    parse_release(release).is_none_or(|v| v >= FLOOR)
 }
 
 /// The running kernel's (major, minor).
@@ -142,7 +146,20 @@ pub fn parse_release(release: &str) -> Option<(u32, u32)> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_release;
+    use super::{meets_floor, parse_release};
+
+    #[test]
+    fn the_floor_is_5_10() {
+        assert!(!meets_floor("4.19.0-27-amd64"));
+        assert!(!meets_floor("5.4.0-216-generic"));
+        assert!(!meets_floor("5.9.16"));
+        assert!(meets_floor("5.10.0-46-cloud-amd64"));
+        assert!(meets_floor("6.1.0-56-cloud-amd64"));
+        assert!(
+            meets_floor(""),
+            "unreadable: let the kernel's own errors speak"
+        );
+    }
 
     #[test]
     fn reads_distribution_release_strings() {
