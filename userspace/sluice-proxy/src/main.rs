@@ -1,11 +1,6 @@
 //! `sluice-proxy`: the node proxy. Serves each enrolled pod from listeners inside the pod's
 //! netns and carries its captured connections; this first capability is L4 passthrough.
 
-mod copy;
-mod inpod;
-mod socket;
-mod stats;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -16,9 +11,9 @@ use sluice_capture::netns::Netns;
 use sluice_capture::{DEFAULT_PIN_ROOT, PodUid};
 use tracing::{info, warn};
 
-use crate::copy::CopyMode;
-use crate::inpod::PodProxy;
-use crate::stats::Stats;
+use sluice_proxy::copy::CopyMode;
+use sluice_proxy::inpod::PodProxy;
+use sluice_proxy::stats::Stats;
 
 /// sluice's node proxy: captured pod traffic in, original destinations out.
 #[derive(Parser, Debug)]

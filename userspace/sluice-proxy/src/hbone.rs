@@ -1,0 +1,374 @@
+//! HBONE: TCP connections carried as HTTP/2 `CONNECT` streams inside mutual TLS on port 15008,
+//! wire-compatible with Istio's ztunnel (DESIGN §6).
+//!
+//! - [`H2Stream`] turns one CONNECT stream into an `AsyncRead + AsyncWrite` byte pipe, with
+//!   HTTP/2 flow control released as the reader consumes data.
+//! - [`open_stream`] is the client side of one tunnelled connection over a pooled connection.
+//! - [`serve`] is the server side: each stream's `:authority` must be a workload on this node;
+//!   the app is dialled first, and 200 is answered only once that worked (400 for a malformed or
+//!   foreign target, 503 when the app refuses).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::{debug, info};
+
+use crate::identity::Identity;
+
+/// Flow-control windows and stream limit of DESIGN §6.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_STREAMS: u32 = 100;
+/// Larger frames than HTTP/2's 16 KiB default: fewer frame headers and wake-ups per byte.
+pub const MAX_FRAME: u32 = 256 * 1024;
+/// A CONNECT request's headers are small; anything bigger is refused by h2 itself.
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// One CONNECT stream as a byte pipe. Dropping it resets the stream if it is still open.
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    pending: Bytes,
+    /// Kept alive for as long as the stream: the pool counts streams through it.
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl std::fmt::Debug for H2Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Stream")
+            .field("stream_id", &self.send.stream_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl H2Stream {
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self {
+            send,
+            recv,
+            pending: Bytes::new(),
+            _guard: None,
+        }
+    }
+
+    pub fn with_guard(mut self, guard: impl Send + Sync + 'static) -> Self {
+        self._guard = Some(Box::new(guard));
+        self
+    }
+}
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"));
+    }
+    io::Error::new(io::ErrorKind::ConnectionReset, e)
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                buf.put_slice(&self.pending[..n]);
+                self.pending.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Credit the peer as soon as the bytes are ours: the window bounds what is
+                    // buffered here, not what the app has read.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.pending = data;
+                }
+                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => {
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.send.reserve_capacity(buf.len());
+        match ready!(self.send.poll_capacity(cx)) {
+            Some(Ok(granted)) => {
+                let n = granted.min(buf.len());
+                self.send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .map_err(h2_io)?;
+                Poll::Ready(Ok(n))
+            }
+            Some(Err(e)) => Poll::Ready(Err(h2_io(e))),
+            None => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2's connection task writes frames out as soon as they are queued.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // END_STREAM: the TCP half-close of the tunnelled connection.
+        match self.send.send_data(Bytes::new(), true) {
+            Ok(()) => Poll::Ready(Ok(())),
+            // Already ended (or reset by the peer): nothing left to close.
+            Err(e) if !e.is_io() => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(h2_io(e))),
+        }
+    }
+}
+
+/// Why a tunnel could not be opened, as the client sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("the HBONE connection failed: {0}")]
+    H2(#[from] h2::Error),
+    #[error("the destination proxy answered {0}")]
+    Status(StatusCode),
+    #[error("build the CONNECT request: {0}")]
+    Request(#[from] http::Error),
+}
+
+/// The HTTP/2 client settings of an HBONE connection.
+pub fn client_builder() -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .enable_push(false);
+    builder
+}
+
+/// Opens one tunnel to `target` over an established HBONE connection.
+pub async fn open_stream(
+    send: h2::client::SendRequest<Bytes>,
+    target: SocketAddr,
+    source: SocketAddr,
+) -> Result<H2Stream, OpenError> {
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .header("forwarded", format!("for=\"{source}\""))
+        .body(())?;
+    let mut send = send.ready().await?;
+    let (response, stream) = send.send_request(request, false)?;
+    let response = response.await?;
+    if response.status() != StatusCode::OK {
+        return Err(OpenError::Status(response.status()));
+    }
+    Ok(H2Stream::new(stream, response.into_body()))
+}
+
+/// What the server side needs from its surroundings.
+pub trait Inbound: Send + Sync + 'static {
+    /// Whether `addr` is a workload this node serves (the only targets a CONNECT may name).
+    fn is_local(&self, addr: SocketAddr) -> bool;
+    /// Connects to the app at `target` on behalf of `peer`.
+    fn connect(
+        &self,
+        target: SocketAddr,
+        peer: &Identity,
+    ) -> Pin<Box<dyn Future<Output = io::Result<tokio::net::TcpStream>> + Send + '_>>;
+}
+
+/// Server-side counters, by outcome. Every refused stream lands in exactly one.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// TLS handshakes that failed: untrusted or expired client certificate, none at all,
+    /// TLS 1.2, or a client that rejected our certificate.
+    pub handshake_failed: AtomicU64,
+    /// Handshakes that succeeded but whose client certificate names no identity of our trust
+    /// domain.
+    pub bad_identity: AtomicU64,
+    pub connections: AtomicU64,
+    pub streams: AtomicU64,
+    pub tunnelled: AtomicU64,
+    pub bad_request: AtomicU64,
+    pub not_local: AtomicU64,
+    pub upstream_failed: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+/// The HTTP/2 server settings of an HBONE connection.
+pub fn server_builder() -> h2::server::Builder {
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST);
+    builder
+}
+
+/// Terminates mutual TLS on an accepted 15008 connection, reads the client's identity and
+/// serves the connection if that identity belongs to `trust_domain`. Failures are counted and
+/// close the connection.
+pub async fn accept(
+    tcp: tokio::net::TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    trust_domain: &str,
+    inbound: Arc<impl Inbound>,
+    stats: Arc<ServerStats>,
+) {
+    let remote = tcp.peer_addr().ok();
+    let _ = tcp.set_nodelay(true);
+    let tls = match acceptor.accept(tcp).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            stats.handshake_failed.fetch_add(1, Ordering::Relaxed);
+            info!(remote = ?remote, error = %e, "HBONE TLS handshake failed");
+            return;
+        }
+    };
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(crate::tls::peer_identity);
+    match peer {
+        Some(peer) if peer.trust_domain == trust_domain => serve(tls, peer, inbound, stats).await,
+        other => {
+            stats.bad_identity.fetch_add(1, Ordering::Relaxed);
+            info!(remote = ?remote, identity = ?other.map(|p| p.to_string()), trust_domain, "HBONE client is not of this mesh");
+        }
+    }
+}
+
+/// Serves one authenticated HBONE connection from `peer` until the client closes it. Each
+/// stream runs on its own task; errors close the stream and are counted, never panic.
+pub async fn serve<IO, I>(io: IO, peer: Identity, inbound: Arc<I>, stats: Arc<ServerStats>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: Inbound,
+{
+    stats.connections.fetch_add(1, Ordering::Relaxed);
+    let mut conn = match server_builder().handshake::<_, Bytes>(io).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            debug!(peer = %peer, error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+    };
+    let peer = Arc::new(peer);
+    while let Some(accepted) = conn.accept().await {
+        let (request, respond) = match accepted {
+            Ok(stream) => stream,
+            Err(e) => {
+                debug!(peer = %peer, error = %e, "HBONE connection ended");
+                break;
+            }
+        };
+        stats.streams.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(serve_stream(
+            request,
+            respond,
+            peer.clone(),
+            inbound.clone(),
+            stats.clone(),
+        ));
+    }
+}
+
+async fn serve_stream<I: Inbound>(
+    request: Request<RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: Arc<Identity>,
+    inbound: Arc<I>,
+    stats: Arc<ServerStats>,
+) {
+    let refuse = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
+        let response = Response::builder()
+            .status(status)
+            .body(())
+            .unwrap_or_default();
+        let _ = respond.send_response(response, true);
+    };
+    let target = match connect_target(&request) {
+        Ok(target) => target,
+        Err(why) => {
+            stats.bad_request.fetch_add(1, Ordering::Relaxed);
+            info!(peer = %peer, why, "HBONE request refused (400)");
+            return refuse(&mut respond, StatusCode::BAD_REQUEST);
+        }
+    };
+    if !inbound.is_local(target) {
+        stats.not_local.fetch_add(1, Ordering::Relaxed);
+        info!(peer = %peer, %target, "HBONE target is not a workload on this node (400)");
+        return refuse(&mut respond, StatusCode::BAD_REQUEST);
+    }
+    let mut upstream = match inbound.connect(target, &peer).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
+            info!(peer = %peer, %target, error = %e, "app refused the tunnelled connection (503)");
+            return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .unwrap_or_default();
+    let send = match respond.send_response(response, false) {
+        Ok(send) => send,
+        Err(e) => {
+            debug!(error = %e, "client went away before the 200");
+            return;
+        }
+    };
+    stats.tunnelled.fetch_add(1, Ordering::Relaxed);
+    let mut tunnel = H2Stream::new(send, request.into_body());
+    let _ = upstream.set_nodelay(true);
+    match tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await {
+        Ok((from_client, to_client)) => {
+            stats.bytes_in.fetch_add(from_client, Ordering::Relaxed);
+            stats.bytes_out.fetch_add(to_client, Ordering::Relaxed);
+            info!(target: "access", peer = %peer, dst = %target, bytes_received = from_client, bytes_sent = to_client, "tunnel closed");
+        }
+        Err(e) => info!(target: "access", peer = %peer, dst = %target, error = %e, "tunnel failed"),
+    }
+}
+
+/// The target of a well-formed HBONE request: `CONNECT` with an `ip:port` authority.
+fn connect_target(request: &Request<RecvStream>) -> Result<SocketAddr, &'static str> {
+    if request.method() != Method::CONNECT {
+        return Err("method is not CONNECT");
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .ok_or("CONNECT without :authority")?;
+    authority
+        .as_str()
+        .parse::<SocketAddr>()
+        .map_err(|_| ":authority is not ip:port")
+}

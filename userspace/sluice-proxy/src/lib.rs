@@ -1,0 +1,16 @@
+//! sluice's node proxy as a library: the binary (`main.rs`) wires these together, and the
+//! in-process tests drive them directly.
+//!
+//! - [`inpod`]: one enrolled pod's listeners and connections;
+//! - [`hbone`], [`pool`], [`tls`], [`ca`], [`identity`]: mutual-TLS HTTP/2 tunnels between proxies;
+//! - [`socket`], [`copy`], [`stats`]: sockets in a pod's netns, byte moving, counters.
+
+pub mod ca;
+pub mod copy;
+pub mod hbone;
+pub mod identity;
+pub mod inpod;
+pub mod pool;
+pub mod socket;
+pub mod stats;
+pub mod tls;
