@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod cluster;
 pub mod demo;
 pub mod lab;
 pub mod proxy;

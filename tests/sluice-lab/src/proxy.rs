@@ -21,13 +21,26 @@ impl ProxyProcess {
     /// Starts the proxy for the lab's pod with extra arguments (e.g. `--copy buffered`) and waits
     /// until its listeners are up.
     pub fn start(lab: &Lab, extra: &[&str]) -> Result<Self> {
+        let pods = [format!("{}={}", lab.pod.uid, lab.pod.netns.display())];
+        Self::spawn(&pods, &lab.proxy_cgroup.path, &lab.pin_root(), extra)
+    }
+
+    /// Starts a proxy for `pods` (`UID=NETNS_PATH` each) in `cgroup`, registering with the
+    /// capture pinned at `pin_root`, and waits until it is ready.
+    pub fn spawn(
+        pods: &[String],
+        cgroup: &std::path::Path,
+        pin_root: &std::path::Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut cmd = Command::new(sibling_binary("sluice-proxy")?);
-        cmd.arg("--pod")
-            .arg(format!("{}={}", lab.pod.uid, lab.pod.netns.display()))
-            .arg("--cgroup")
-            .arg(&lab.proxy_cgroup.path)
+        for pod in pods {
+            cmd.arg("--pod").arg(pod);
+        }
+        cmd.arg("--cgroup")
+            .arg(cgroup)
             .arg("--pin-root")
-            .arg(lab.pin_root())
+            .arg(pin_root)
             .args(extra)
             .env(
                 "RUST_LOG",

@@ -7,11 +7,14 @@
 //! - the proxy never runs in the pod's cgroup, so eBPF capture never sees its sockets, and it
 //!   marks them 0x539 so the iptables rules let them through: no loops;
 //! - dropping a `PodProxy` closes its listeners (the kernel removes the 15006 socket from the
-//!   eBPF socket map, so new inbound connections are refused) and ends its connections.
+//!   eBPF socket map, so new inbound connections are refused) and ends its connections;
+//! - with the mesh on, a pod that is an HBONE workload presents its own identity, on its own
+//!   15008 listener and in its own connection pool: pods never share certificates or tunnels.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sluice_capture::inbound_map::InboundSocketMap;
 use sluice_capture::netns::Netns;
@@ -22,8 +25,63 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::copy::{self, CopyMode};
+use crate::hbone::{self, ServerStats};
+use crate::identity::Identity;
+use crate::mesh::{MeshWatch, Protocol};
+use crate::pool::{BoxFuture, Pool, PoolKey, TcpConnect, TlsDialer};
+use crate::route::{Balancer, Hop};
 use crate::socket::{self, canonical};
 use crate::stats::Stats;
+use crate::tls::CertStore;
+
+/// What the pods of one proxy share when the mesh is on.
+pub struct MeshContext {
+    pub mesh: Arc<MeshWatch>,
+    pub certs: Arc<CertStore>,
+    pub hbone: Arc<ServerStats>,
+    pub balancer: Balancer,
+    /// How long a pooled HBONE connection may sit without streams.
+    pub idle_timeout: Duration,
+}
+
+/// A pod's own part of the mesh: its identity and its tunnels.
+struct PodMesh {
+    identity: Identity,
+    pool: Arc<Pool<TlsDialer>>,
+}
+
+/// TCP for a pod's HBONE connections, made in the pod's netns (they leave with its address).
+struct PodTcp(Arc<Netns>);
+
+impl TcpConnect for PodTcp {
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'_, std::io::Result<TcpStream>> {
+        Box::pin(socket::connect_in(&self.0, addr))
+    }
+}
+
+/// The 15008 side of one pod: a CONNECT may only name this pod's own addresses.
+struct PodInbound {
+    uid: PodUid,
+    netns: Arc<Netns>,
+    mesh: Arc<MeshWatch>,
+}
+
+impl hbone::Inbound for PodInbound {
+    fn is_local(&self, addr: SocketAddr) -> bool {
+        self.mesh
+            .current()
+            .workload(self.uid.as_str())
+            .is_some_and(|(w, _)| w.ips.contains(&addr.ip()))
+    }
+
+    fn connect(
+        &self,
+        target: SocketAddr,
+        _peer: &Identity,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send + '_>> {
+        Box::pin(socket::connect_in(&self.netns, target))
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Direction {
@@ -43,9 +101,11 @@ impl Direction {
 /// What every connection of a pod shares.
 struct PodContext {
     uid: PodUid,
-    netns: Netns,
+    netns: Arc<Netns>,
     copy: CopyMode,
     stats: Arc<Stats>,
+    mesh: Option<Arc<MeshContext>>,
+    pod_mesh: Option<PodMesh>,
 }
 
 /// A served pod. Dropping it stops serving the pod.
@@ -66,8 +126,10 @@ impl PodProxy {
         sockets: Option<&mut InboundSocketMap>,
         copy: CopyMode,
         stats: Arc<Stats>,
+        mesh: Option<Arc<MeshContext>>,
     ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
+        let netns = Arc::new(netns);
         let where_ = || format!("pod {uid} (netns {})", netns.path().display());
         let outbound4 = socket::listen_in(&netns, socket::outbound_v4(), false)
             .with_context(|| format!("listen on 0.0.0.0:{PORT_OUTBOUND} in {}", where_()))?;
@@ -87,13 +149,63 @@ impl PodProxy {
         };
 
         let (closing, _) = watch::channel(false);
+        let mut accept_loops = JoinSet::new();
+        let pod_mesh = match &mesh {
+            Some(shared) => {
+                let current = shared.mesh.current();
+                match current.workload(uid.as_str()) {
+                    Some((w, identity)) if w.protocol == Protocol::Hbone => {
+                        let hbone = socket::listen_in(&netns, socket::hbone_any_v6(), true)
+                            .with_context(|| format!("listen on :{PORT_HBONE} in {}", where_()))?;
+                        let acceptor = tokio_rustls::TlsAcceptor::from(
+                            shared
+                                .certs
+                                .server_config(identity)
+                                .with_context(|| format!("TLS for {identity} of {}", where_()))?,
+                        );
+                        let inbound = Arc::new(PodInbound {
+                            uid: uid.clone(),
+                            netns: netns.clone(),
+                            mesh: shared.mesh.clone(),
+                        });
+                        accept_loops.spawn(hbone_accept_loop(
+                            hbone,
+                            acceptor,
+                            current.trust_domain.clone(),
+                            inbound,
+                            shared.hbone.clone(),
+                            closing.subscribe(),
+                        ));
+                        let pool = Pool::new(
+                            TlsDialer {
+                                store: shared.certs.clone(),
+                                tcp: Arc::new(PodTcp(netns.clone())),
+                            },
+                            shared.idle_timeout,
+                        );
+                        info!(pod = %uid, identity = %identity, "pod meshed: HBONE on {PORT_HBONE}");
+                        Some(PodMesh {
+                            identity: identity.clone(),
+                            pool,
+                        })
+                    }
+                    Some(_) => None,
+                    None => {
+                        warn!(pod = %uid, "pod is not a workload in the mesh file: no identity, its traffic is passed through");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let ctx = Arc::new(PodContext {
             uid: uid.clone(),
             netns,
             copy,
             stats,
+            mesh,
+            pod_mesh,
         });
-        let mut accept_loops = JoinSet::new();
         let mut listeners = vec![
             (outbound4, Direction::Outbound),
             (inbound, Direction::Inbound),
@@ -167,6 +279,44 @@ async fn accept_loop(
     }
 }
 
+/// Accepts HBONE connections for one pod; each runs until its client closes it or the pod stops.
+async fn hbone_accept_loop(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    trust_domain: String,
+    inbound: Arc<PodInbound>,
+    stats: Arc<ServerStats>,
+    closing: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(pod = %inbound.uid, error = %e, "HBONE accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let span = info_span!("hbone", pod = %inbound.uid, src = %canonical(peer));
+        let (acceptor, trust_domain, inbound, stats) = (
+            acceptor.clone(),
+            trust_domain.clone(),
+            inbound.clone(),
+            stats.clone(),
+        );
+        let mut closing = closing.clone();
+        tokio::spawn(
+            async move {
+                tokio::select! {
+                    () = hbone::accept(tcp, acceptor, &trust_domain, inbound, stats) => {}
+                    _ = closing.wait_for(|c| *c) => debug!("pod stopped; HBONE connection closed"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
 /// Proxies one captured connection to where it was going. Every failure closes the
 /// connection and is counted; nothing here panics on what the network sends.
 async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
@@ -186,6 +336,11 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
         return;
     }
     let _ = client.set_nodelay(true);
+    if direction == Direction::Outbound
+        && let Some(shared) = &ctx.mesh
+    {
+        return serve_outbound_mesh(client, dst, ctx, shared, started).await;
+    }
     let mut upstream = match socket::connect_in(&ctx.netns, dst).await {
         Ok(upstream) => upstream,
         Err(e) => {
@@ -212,6 +367,87 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
             info!(target: "access", dst = %dst, duration_ms, error = %e, "connection failed");
         }
     }
+}
+
+/// Outbound with the mesh on: through HBONE to meshed workloads (same node or not), directly to
+/// the rest; a service VIP becomes one of its endpoints, and an endpoint that fails is retried
+/// on the next before the client sees a failure.
+async fn serve_outbound_mesh(
+    mut client: TcpStream,
+    dst: SocketAddr,
+    ctx: &PodContext,
+    shared: &MeshContext,
+    started: Instant,
+) {
+    let stats = &ctx.stats;
+    let mesh = shared.mesh.current();
+    let plan = shared.balancer.plan(&mesh, dst, ctx.pod_mesh.is_some());
+    let source = client.peer_addr().map(canonical).unwrap_or(dst);
+    for Hop { target, via } in &plan.hops {
+        let (target, via) = (*target, via.as_ref());
+        let result = match (via, &ctx.pod_mesh) {
+            (Some(dst_identity), Some(pod)) => {
+                let key = PoolKey {
+                    source: pod.identity.clone(),
+                    destination: dst_identity.clone(),
+                    addr: SocketAddr::new(target.ip(), PORT_HBONE),
+                };
+                match pod.pool.open(&key, target, source).await {
+                    Ok(mut tunnel) => {
+                        Stats::incr(&stats.tunnelled);
+                        let copied = tokio::io::copy_bidirectional(&mut client, &mut tunnel).await;
+                        Ok((copied, Some(dst_identity)))
+                    }
+                    Err(e) => {
+                        Stats::incr(&stats.tunnel_failed);
+                        Err(e.to_string())
+                    }
+                }
+            }
+            _ => match socket::connect_in(&ctx.netns, target).await {
+                Ok(mut upstream) => {
+                    let copied = copy::bidirectional(ctx.copy, &mut client, &mut upstream).await;
+                    Ok((copied, None))
+                }
+                Err(e) => {
+                    Stats::incr(&stats.upstream_connect_failed);
+                    Err(e.to_string())
+                }
+            },
+        };
+        let (copied, peer_identity) = match result {
+            Ok(done) => done,
+            Err(error) => {
+                info!(dst = %dst, target = %target, error, "upstream failed; trying the next endpoint if any");
+                if plan.service.is_some() {
+                    shared.balancer.eject(target);
+                }
+                continue;
+            }
+        };
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let identity = ctx.pod_mesh.as_ref().map(|p| p.identity.to_string());
+        let peer_identity = peer_identity.map(ToString::to_string);
+        let service = plan.service.as_deref();
+        match copied {
+            Ok((sent, received)) => {
+                Stats::incr(&stats.completed);
+                stats
+                    .bytes_out
+                    .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
+                stats
+                    .bytes_in
+                    .fetch_add(received, std::sync::atomic::Ordering::Relaxed);
+                info!(target: "access", dst = %dst, upstream = %target, service, identity, peer_identity, hbone = peer_identity.is_some(), bytes_sent = sent, bytes_received = received, duration_ms, "connection closed");
+            }
+            Err(e) => {
+                Stats::incr(&stats.copy_failed);
+                info!(target: "access", dst = %dst, upstream = %target, service, identity, peer_identity, duration_ms, error = %e, "connection failed");
+            }
+        }
+        return;
+    }
+    info!(target: "access", dst = %dst, service = plan.service.as_deref(), "connection refused: no upstream reachable");
 }
 
 fn destination(client: &TcpStream, direction: Direction) -> std::io::Result<SocketAddr> {

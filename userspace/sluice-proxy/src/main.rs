@@ -1,5 +1,6 @@
 //! `sluice-proxy`: the node proxy. Serves each enrolled pod from listeners inside the pod's
-//! netns and carries its captured connections; this first capability is L4 passthrough.
+//! netns and carries its captured connections: through HBONE (mutual TLS, HTTP/2 CONNECT) to
+//! meshed workloads when given a mesh file and a CA, by plain passthrough otherwise.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,8 +13,12 @@ use sluice_capture::{DEFAULT_PIN_ROOT, PodUid};
 use tracing::{info, warn};
 
 use sluice_proxy::copy::CopyMode;
-use sluice_proxy::inpod::PodProxy;
+use sluice_proxy::hbone::ServerStats;
+use sluice_proxy::inpod::{MeshContext, PodProxy};
+use sluice_proxy::mesh::MeshWatch;
+use sluice_proxy::route::Balancer;
 use sluice_proxy::stats::Stats;
+use sluice_proxy::tls::CertStore;
 
 /// sluice's node proxy: captured pod traffic in, original destinations out.
 #[derive(Parser, Debug)]
@@ -37,6 +42,25 @@ struct Args {
     #[arg(long, value_enum, default_value_t = CopyMode::Splice, env = "SLUICE_COPY")]
     copy: CopyMode,
 
+    /// The mesh file (workloads, services, policies; see `mesh.rs`). With it, connections
+    /// between meshed workloads go through HBONE with mutual TLS; without it, everything is
+    /// passed through. Re-read when it changes.
+    #[arg(long, env = "SLUICE_MESH_CONFIG")]
+    mesh_config: Option<PathBuf>,
+
+    /// The CA directory (root-cert.pem, root-key.pem, optional trust-bundle.pem); needed with
+    /// --mesh-config.
+    #[arg(long, env = "SLUICE_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+
+    /// Create a new mesh CA in --ca-dir and exit (refuses to overwrite one).
+    #[arg(long, requires = "ca_dir")]
+    init_ca: bool,
+
+    /// Lifetime of the workload certificates the CA issues; each is renewed at half of it.
+    #[arg(long, default_value = "24h", value_parser = parse_duration, env = "SLUICE_CERT_LIFETIME")]
+    cert_lifetime: std::time::Duration,
+
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SLUICE_LOG_JSON")]
     log_json: bool,
@@ -57,9 +81,34 @@ fn parse_pod(arg: &str) -> Result<(PodUid, PathBuf), String> {
     Ok((uid, PathBuf::from(netns)))
 }
 
+/// `90s`, `15m`, `24h`.
+fn parse_duration(arg: &str) -> Result<std::time::Duration, String> {
+    let split = arg.find(|c: char| !c.is_ascii_digit()).unwrap_or(arg.len());
+    let (n, unit) = arg.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{arg:?}: expected e.g. 90s, 15m or 24h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{arg:?}: the unit must be s, m or h")),
+    };
+    if secs < 60 {
+        return Err(format!("{arg:?}: certificates must live at least a minute"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let _log_guard = init_logging(args.log_json);
+    if args.init_ca {
+        let dir = args.ca_dir.as_deref().context("--init-ca needs --ca-dir")?;
+        sluice_proxy::ca::Ca::create(dir)?;
+        println!("created a mesh CA in {}", dir.display());
+        return Ok(());
+    }
     info!(pods = args.pods.len(), cgroup = ?args.cgroup, pin_root = %args.pin_root.display(), copy = ?args.copy, "effective configuration");
     if args.check_config {
         return Ok(());
@@ -77,6 +126,25 @@ fn main() -> Result<()> {
 
 async fn run(args: Args) -> Result<()> {
     let stats = Arc::new(Stats::default());
+    let mesh = match &args.mesh_config {
+        Some(path) => {
+            let ca_dir = args
+                .ca_dir
+                .as_deref()
+                .context("--mesh-config needs --ca-dir (create one with --init-ca --ca-dir DIR)")?;
+            let ca = sluice_proxy::ca::Ca::load(ca_dir)?;
+            let watch = MeshWatch::load(path)?;
+            watch.spawn_reloader(std::time::Duration::from_millis(500));
+            Some(Arc::new(MeshContext {
+                mesh: watch,
+                certs: CertStore::new(ca, args.cert_lifetime)?,
+                hbone: Arc::new(ServerStats::default()),
+                balancer: Balancer::default(),
+                idle_timeout: std::time::Duration::from_secs(60),
+            }))
+        }
+        None => None,
+    };
     let mut sockets = InboundSocketMap::open(&args.pin_root)?;
     let mut pods = Vec::new();
     for (uid, netns_path) in &args.pods {
@@ -88,6 +156,7 @@ async fn run(args: Args) -> Result<()> {
             sockets.as_mut(),
             args.copy,
             stats.clone(),
+            mesh.clone(),
         )?);
     }
     if pods.is_empty() {
@@ -105,7 +174,11 @@ async fn run(args: Args) -> Result<()> {
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    info!(stats = %counters.join(" "), "sluice-proxy stopped");
+    let hbone = mesh
+        .as_ref()
+        .map(|m| format!("{:?}", m.hbone))
+        .unwrap_or_default();
+    info!(stats = %counters.join(" "), hbone, "sluice-proxy stopped");
     Ok(())
 }
 

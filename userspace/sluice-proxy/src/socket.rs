@@ -149,6 +149,16 @@ pub fn inbound_any_v6() -> SocketAddr {
     ))
 }
 
+/// HBONE, on all addresses of the pod (dual-stack).
+pub fn hbone_any_v6() -> SocketAddr {
+    SocketAddr::V6(SocketAddrV6::new(
+        Ipv6Addr::UNSPECIFIED,
+        sluice_capture::PORT_HBONE,
+        0,
+        0,
+    ))
+}
+
 pub fn inbound_any_v4() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(
         Ipv4Addr::UNSPECIFIED,

@@ -14,6 +14,10 @@ pub struct Stats {
     pub loop_refused: AtomicU64,
     pub upstream_connect_failed: AtomicU64,
     pub copy_failed: AtomicU64,
+    /// Outbound connections carried through an HBONE tunnel.
+    pub tunnelled: AtomicU64,
+    /// HBONE tunnels that could not be opened (handshake, identity, or the peer's status).
+    pub tunnel_failed: AtomicU64,
 }
 
 impl Stats {
@@ -21,7 +25,7 @@ impl Stats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn snapshot(&self) -> [(&'static str, u64); 8] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 10] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("accepted", get(&self.accepted)),
@@ -35,6 +39,8 @@ impl Stats {
                 get(&self.upstream_connect_failed),
             ),
             ("copy_failed", get(&self.copy_failed)),
+            ("tunnelled", get(&self.tunnelled)),
+            ("tunnel_failed", get(&self.tunnel_failed)),
         ]
     }
 }

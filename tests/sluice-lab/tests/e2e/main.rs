@@ -7,6 +7,7 @@
 mod bpf;
 mod capture;
 mod cleanup;
+mod mesh;
 
 use sluice_capture::Backend;
 
@@ -44,3 +45,20 @@ for_both_backends!(
     release_restores_direct_traffic_and_leaves_nothing_behind,
     ipv6_is_captured_both_ways,
 );
+
+/// The mesh scenarios need two nodes each, so they are listed here rather than in the macro.
+mod hbone {
+    use super::Backend;
+
+    #[test]
+    fn ebpf_captured_clients_reach_meshed_pods_through_hbone() {
+        crate::require_root();
+        crate::mesh::captured_clients_reach_meshed_pods_through_hbone(Backend::Ebpf).unwrap();
+    }
+
+    #[test]
+    fn iptables_captured_clients_reach_meshed_pods_through_hbone() {
+        crate::require_root();
+        crate::mesh::captured_clients_reach_meshed_pods_through_hbone(Backend::Iptables).unwrap();
+    }
+}

@@ -1,0 +1,461 @@
+//! A two-node cluster in network namespaces, for the mesh tests: each node is a netns with a
+//! bridge its pods hang off (`10.99.<node+1>.0/24`), the two nodes are joined by one veth link
+//! (`10.98.0.1` ↔ `10.98.0.2`, routed), and each node runs its own capture (eBPF or iptables,
+//! its own pin root) and its own `sluice-proxy` serving that node's enrolled pods, with one CA
+//! and one mesh file shared by both.
+//!
+//! ```text
+//!  pod netns ─┐                                        ┌─ pod netns
+//!  pod netns ─┤ br0  node-a ══ inter-node link ══ node-b  br0 ├─ pod netns
+//!             (proxy A: host netns, sockets in A's pods)  (proxy B)
+//! ```
+//!
+//! Everything is removed on drop: proxies, capture, cgroups, namespaces, the CA directory.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, bail};
+use sluice_capture::ebpf::EbpfCapture;
+use sluice_capture::iptables::IptablesCapture;
+use sluice_capture::netns::Netns;
+use sluice_capture::{Backend, PodCapture, PodUid, Redirector};
+
+use crate::app::{Placement, sibling_binary};
+use crate::lab::{CgroupGuard, NetnsGuard, PinRootGuard, unique_id};
+use crate::proxy::ProxyProcess;
+
+/// A pod to create.
+#[derive(Clone, Copy, Debug)]
+pub struct PodSpec {
+    pub name: &'static str,
+    /// 0 or 1.
+    pub node: usize,
+    /// The last octet of its address on its node's subnet.
+    pub host: u8,
+    /// An HBONE workload in the mesh file (false: listed as `protocol: TCP`, not enrolled).
+    pub meshed: bool,
+}
+
+/// A service in the mesh file: `vip:port` load-balanced over `endpoints`' `target_port`.
+#[derive(Clone, Copy, Debug)]
+pub struct ServiceSpec {
+    pub hostname: &'static str,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub target_port: u16,
+    pub endpoints: &'static [&'static str],
+}
+
+pub struct ClusterPod {
+    pub name: &'static str,
+    pub uid: PodUid,
+    pub ip: Ipv4Addr,
+    pub node: usize,
+    pub meshed: bool,
+    capture: PodCapture,
+    // Drop order: the cgroup (once its processes are gone), then the netns.
+    pub cgroup: CgroupGuard,
+    pub ns: NetnsGuard,
+}
+
+impl ClusterPod {
+    /// A process of the pod (its netns and cgroup: outbound capture applies to it).
+    pub fn place(&self) -> Placement {
+        Placement {
+            netns: self.ns.path(),
+            cgroup: Some(self.cgroup.path.clone()),
+        }
+    }
+
+    /// A server process of the pod (its netns; servers need no outbound capture).
+    pub fn place_server(&self) -> Placement {
+        Placement {
+            netns: self.ns.path(),
+            cgroup: None,
+        }
+    }
+
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip, port))
+    }
+}
+
+/// Field order is drop order.
+pub struct Cluster {
+    pub proxies: Vec<ProxyProcess>,
+    captures: Vec<Box<dyn Redirector>>,
+    pins: Vec<PinRootGuard>,
+    pub pods: Vec<ClusterPod>,
+    proxy_cgroups: Vec<CgroupGuard>,
+    nodes: Vec<NetnsGuard>,
+    dir: DirGuard,
+    pub id: String,
+    pub backend: Backend,
+}
+
+/// The inter-node link's address on node 0 and node 1.
+const LINK: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 98, 0, 1), Ipv4Addr::new(10, 98, 0, 2)];
+
+fn subnet_ip(node: usize, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 99, node as u8 + 1, host)
+}
+
+impl Cluster {
+    pub fn new(backend: Backend, pods: &[PodSpec], services: &[ServiceSpec]) -> Result<Self> {
+        let id = unique_id();
+        let dir = DirGuard::new(&format!("sluice-cluster-{id}"))?;
+        let mut nodes = Vec::new();
+        for n in 0..2 {
+            let node = NetnsGuard::new(format!("sluice-{id}-n{n}"))?;
+            node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            node.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
+            let gateway = format!("{}/24", subnet_ip(n, 1));
+            node.exec(&["ip", "addr", "add", &gateway, "dev", "br0"])?;
+            node.exec(&["ip", "link", "set", "br0", "up"])?;
+            nodes.push(node);
+        }
+        let link = [format!("sl{id}x0"), format!("sl{id}x1")];
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            &link[0],
+            "netns",
+            &nodes[0].name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &link[1],
+            "netns",
+            &nodes[1].name,
+        ]))?;
+        for n in 0..2 {
+            let other = 1 - n;
+            nodes[n].exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/30", LINK[n]),
+                "dev",
+                &link[n],
+            ])?;
+            nodes[n].exec(&["ip", "link", "set", &link[n], "up"])?;
+            let route = format!("10.99.{}.0/24", other + 1);
+            nodes[n].exec(&[
+                "ip",
+                "route",
+                "add",
+                &route,
+                "via",
+                &LINK[other].to_string(),
+            ])?;
+        }
+
+        let mut cluster_pods = Vec::new();
+        for (k, spec) in pods.iter().enumerate() {
+            let ns = NetnsGuard::new(format!("sluice-{id}-{}", spec.name))?;
+            let (inside, outside) = (format!("sl{id}p{k}"), format!("sl{id}h{k}"));
+            let node = &nodes[spec.node];
+            run(Command::new("ip").args([
+                "link", "add", &inside, "netns", &ns.name, "type", "veth", "peer", "name",
+                &outside, "netns", &node.name,
+            ]))?;
+            node.exec(&["ip", "link", "set", &outside, "master", "br0", "up"])?;
+            let ip = subnet_ip(spec.node, spec.host);
+            ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", &inside])?;
+            ns.exec(&["ip", "link", "set", &inside, "up"])?;
+            let gateway = subnet_ip(spec.node, 1).to_string();
+            ns.exec(&["ip", "route", "add", "default", "via", &gateway])?;
+            let cgroup = CgroupGuard::new(&format!("sluice-{id}-{}", spec.name))?;
+            let uid = PodUid::parse(&format!("{}-{id}", spec.name))?;
+            let mut capture = PodCapture::new(uid.clone(), ns.path());
+            capture.cgroup = Some(cgroup.path.clone());
+            cluster_pods.push(ClusterPod {
+                name: spec.name,
+                uid,
+                ip,
+                node: spec.node,
+                meshed: spec.meshed,
+                capture,
+                cgroup,
+                ns,
+            });
+        }
+
+        let mut cluster = Self {
+            proxies: Vec::new(),
+            captures: Vec::new(),
+            pins: Vec::new(),
+            pods: cluster_pods,
+            proxy_cgroups: Vec::new(),
+            nodes,
+            dir,
+            id,
+            backend,
+        };
+        cluster.write_mesh(services)?;
+        cluster.init_ca()?;
+        for n in 0..2 {
+            cluster.start_node(n)?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn pod(&self, name: &str) -> &ClusterPod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in this cluster"))
+    }
+
+    pub fn mesh_file(&self) -> PathBuf {
+        self.dir.0.join("mesh.yaml")
+    }
+
+    /// The node's netns (where its end of the inter-node link is).
+    pub fn node_ns(&self, node: usize) -> &NetnsGuard {
+        &self.nodes[node]
+    }
+
+    /// Records every frame crossing the inter-node link (seen from node 0) until dropped.
+    pub fn capture_link(&self) -> Result<LinkCapture> {
+        LinkCapture::start(&self.nodes[0].path(), &format!("sl{}x0", self.id))
+    }
+
+    fn write_mesh(&self, services: &[ServiceSpec]) -> Result<()> {
+        let mut yaml = String::from("trustDomain: cluster.local\nworkloads:\n");
+        for pod in &self.pods {
+            let protocol = if pod.meshed { "HBONE" } else { "TCP" };
+            yaml.push_str(&format!(
+                "  - uid: {}\n    name: {}\n    namespace: default\n    serviceAccount: {}\n    \
+                 ips: [{}]\n    node: node-{}\n    protocol: {protocol}\n",
+                pod.uid, pod.name, pod.name, pod.ip, pod.node
+            ));
+        }
+        yaml.push_str("services:\n");
+        for s in services {
+            let endpoints: Vec<String> = s
+                .endpoints
+                .iter()
+                .map(|name| self.pod(name).uid.to_string())
+                .collect();
+            yaml.push_str(&format!(
+                "  - hostname: {}\n    vips: [{}]\n    ports: {{{}: {}}}\n    endpoints: [{}]\n",
+                s.hostname,
+                s.vip,
+                s.port,
+                s.target_port,
+                endpoints.join(", ")
+            ));
+        }
+        std::fs::write(self.mesh_file(), yaml).context("write the mesh file")
+    }
+
+    fn init_ca(&self) -> Result<()> {
+        let out = Command::new(sibling_binary("sluice-proxy")?)
+            .arg("--init-ca")
+            .arg("--ca-dir")
+            .arg(self.dir.0.join("ca"))
+            .output()
+            .context("run sluice-proxy --init-ca")?;
+        if !out.status.success() {
+            bail!(
+                "sluice-proxy --init-ca failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Captures the node's meshed pods and starts its proxy for them.
+    fn start_node(&mut self, n: usize) -> Result<()> {
+        let proxy_cgroup = CgroupGuard::new(&format!("sluice-{}-proxy{n}", self.id))?;
+        let pin_root = Path::new("/sys/fs/bpf").join(format!("sluice-lab-{}-n{n}", self.id));
+        let mut capture: Box<dyn Redirector> = match self.backend {
+            Backend::Ebpf => {
+                self.pins.push(PinRootGuard {
+                    path: pin_root.clone(),
+                });
+                let mut capture = EbpfCapture::load(&pin_root)?;
+                capture.attach_proxy(&proxy_cgroup.path)?;
+                Box::new(capture)
+            }
+            Backend::Iptables => Box::new(IptablesCapture::new()),
+        };
+        let mut served = Vec::new();
+        for pod in self.pods.iter().filter(|p| p.node == n && p.meshed) {
+            capture
+                .enroll(&pod.capture)
+                .with_context(|| format!("enrol {}", pod.name))?;
+            served.push(format!("{}={}", pod.uid, pod.ns.path().display()));
+        }
+        self.captures.push(capture);
+        let mesh = self.mesh_file();
+        let ca = self.dir.0.join("ca");
+        let extra = [
+            "--mesh-config",
+            mesh.to_str().context("mesh path")?,
+            "--ca-dir",
+            ca.to_str().context("ca path")?,
+        ];
+        self.proxies.push(
+            ProxyProcess::spawn(&served, &proxy_cgroup.path, &pin_root, &extra)
+                .with_context(|| format!("start node {n}'s proxy"))?,
+        );
+        self.proxy_cgroups.push(proxy_cgroup);
+        Ok(())
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A directory under the temp dir, removed on drop.
+struct DirGuard(PathBuf);
+
+impl DirGuard {
+    fn new(name: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Every frame on one interface, read with an `AF_PACKET` socket (no tcpdump needed), kept in
+/// memory (bounded) until the capture is dropped.
+pub struct LinkCapture {
+    stop: Arc<AtomicBool>,
+    bytes: Arc<Mutex<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Enough for the tests' transfers; beyond it frames are counted but not kept.
+const CAPTURE_LIMIT: usize = 256 * 1024 * 1024;
+
+impl LinkCapture {
+    fn start(netns: &Path, ifname: &str) -> Result<Self> {
+        let ns = Netns::open(netns).context("open the node netns")?;
+        let ifname_c = std::ffi::CString::new(ifname)?;
+        let socket = ns.run(|| -> std::io::Result<OwnedFd> {
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket(2) call; the fd is owned right after.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: fd is a fresh socket nothing else owns.
+            let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: a NUL-terminated name; the index is looked up in this (the node's) netns.
+            let index = unsafe { libc::if_nametoindex(ifname_c.as_ptr()) };
+            if index == 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: sockaddr_ll is plain data; zeroed is a valid starting value.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = proto;
+            addr.sll_ifindex = index as i32;
+            // SAFETY: addr is a valid sockaddr_ll of the size given.
+            let ret = unsafe {
+                libc::bind(
+                    socket.as_raw_fd(),
+                    std::ptr::from_ref(&addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            if ret != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 100_000,
+            };
+            // SAFETY: a valid timeval for SO_RCVTIMEO.
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    std::ptr::from_ref(&timeout).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            Ok(socket)
+        })??;
+        let stop = Arc::new(AtomicBool::new(false));
+        let bytes = Arc::new(Mutex::new(Vec::new()));
+        let (stop_flag, sink) = (stop.clone(), bytes.clone());
+        let thread = std::thread::spawn(move || {
+            let mut frame = vec![0u8; 65536];
+            while !stop_flag.load(Ordering::Relaxed) {
+                // SAFETY: frame is a valid buffer of the given length.
+                let n = unsafe {
+                    libc::recv(
+                        socket.as_raw_fd(),
+                        frame.as_mut_ptr().cast(),
+                        frame.len(),
+                        0,
+                    )
+                };
+                if n <= 0 {
+                    continue; // timeout: check the stop flag
+                }
+                if let Ok(mut all) = sink.lock()
+                    && all.len() < CAPTURE_LIMIT
+                {
+                    all.extend_from_slice(&frame[..n as usize]);
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            bytes,
+            thread: Some(thread),
+        })
+    }
+
+    /// How many bytes of frames have been seen.
+    pub fn len(&self) -> usize {
+        self.bytes.lock().map(|b| b.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `needle` appears anywhere in the captured frames.
+    pub fn contains(&self, needle: &[u8]) -> bool {
+        self.bytes
+            .lock()
+            .map(|b| b.windows(needle.len()).any(|w| w == needle))
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for LinkCapture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

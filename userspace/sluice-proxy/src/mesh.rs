@@ -1,0 +1,389 @@
+//! The mesh as the proxy knows it: workloads, services (and, later, policies) from a local YAML
+//! file in standalone mode. The file is re-read when it changes; a file that does not parse or
+//! does not hold together is refused with the line it failed at, and the last good mesh stays.
+//!
+//! ```yaml
+//! trustDomain: cluster.local
+//! workloads:
+//!   - uid: pod-productpage-1        # the pod's uid, as enrolled
+//!     name: productpage-v1-6c9f
+//!     namespace: default
+//!     serviceAccount: bookinfo-productpage
+//!     ips: [10.99.1.2]
+//!     node: node-b
+//!     protocol: HBONE               # or TCP: not meshed, reached by plain passthrough
+//! services:
+//!   - hostname: productpage.default.svc.cluster.local
+//!     vips: [10.96.0.10]
+//!     ports: {9080: 9080}           # service port: target port
+//!     endpoints: [pod-productpage-1]
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use crate::identity::Identity;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    /// Meshed: reached through an HBONE tunnel to its node's proxy.
+    #[serde(rename = "HBONE")]
+    Hbone,
+    /// Not meshed: reached directly.
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// Defaults to the file's `trustDomain`.
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    pub ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub node: String,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    /// Service port → target port on the endpoints.
+    pub ports: BTreeMap<u16, u16>,
+    /// Workload uids.
+    pub endpoints: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct File {
+    #[serde(default = "default_trust_domain")]
+    trust_domain: String,
+    #[serde(default)]
+    workloads: Vec<Workload>,
+    #[serde(default)]
+    services: Vec<Service>,
+    /// Authorization and PeerAuthentication objects: read by the policy issue; kept as YAML
+    /// here so a file written for it already loads.
+    #[serde(default)]
+    policies: Vec<serde_yaml::Value>,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".to_owned()
+}
+
+/// Why a mesh file was refused: what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// One consistent view of the mesh, indexed for the data path.
+#[derive(Debug, Default)]
+pub struct Mesh {
+    pub trust_domain: String,
+    workloads: Vec<Workload>,
+    identities: Vec<Identity>,
+    by_uid: HashMap<String, usize>,
+    by_ip: HashMap<IpAddr, usize>,
+    services: Vec<Service>,
+    by_vip: HashMap<SocketAddr, (usize, u16)>,
+}
+
+impl Mesh {
+    /// Parses and checks a mesh file's text; `path` only names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, MeshError> {
+        let invalid = |message: String| MeshError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        // serde_yaml's messages end with "at line L column C".
+        let file: File = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let mut mesh = Mesh {
+            trust_domain: file.trust_domain.clone(),
+            ..Mesh::default()
+        };
+        let _ = &file.policies;
+        for (i, w) in file.workloads.into_iter().enumerate() {
+            let at = || format!("workloads[{i}] ({})", line_hint(text, &w.uid));
+            let td = w.trust_domain.as_deref().unwrap_or(&file.trust_domain);
+            let identity = Identity::new(td, &w.namespace, &w.service_account)
+                .map_err(|e| invalid(format!("{}: {e}", at())))?;
+            if w.uid.is_empty() {
+                return Err(invalid(format!("{}: uid is empty", at())));
+            }
+            if let Some(&j) = mesh.by_uid.get(&w.uid) {
+                return Err(invalid(format!(
+                    "{}: uid {:?} is also workloads[{j}]'s",
+                    at(),
+                    w.uid
+                )));
+            }
+            if w.ips.is_empty() {
+                return Err(invalid(format!("{}: ips is empty", at())));
+            }
+            for ip in &w.ips {
+                if let Some(&j) = mesh.by_ip.get(ip) {
+                    return Err(invalid(format!(
+                        "{}: ip {ip} also belongs to workloads[{j}] ({})",
+                        at(),
+                        mesh.workloads[j].uid
+                    )));
+                }
+                mesh.by_ip.insert(*ip, i);
+            }
+            mesh.by_uid.insert(w.uid.clone(), i);
+            mesh.identities.push(identity);
+            mesh.workloads.push(w);
+        }
+        for (i, s) in file.services.into_iter().enumerate() {
+            let at = || format!("services[{i}] ({})", line_hint(text, &s.hostname));
+            if s.vips.is_empty() {
+                return Err(invalid(format!("{}: vips is empty", at())));
+            }
+            for (&port, &target) in &s.ports {
+                if port == 0 || target == 0 {
+                    return Err(invalid(format!("{}: port 0 in ports", at())));
+                }
+                for vip in &s.vips {
+                    let key = SocketAddr::new(*vip, port);
+                    if mesh.by_vip.insert(key, (i, target)).is_some() {
+                        return Err(invalid(format!("{}: {key} is already a service", at())));
+                    }
+                }
+            }
+            for uid in &s.endpoints {
+                if !mesh.by_uid.contains_key(uid) {
+                    return Err(invalid(format!(
+                        "{} ({}): endpoint {uid:?} is not a workload",
+                        at(),
+                        line_hint(text, uid)
+                    )));
+                }
+            }
+            mesh.services.push(s);
+        }
+        Ok(mesh)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, MeshError> {
+        let text = std::fs::read_to_string(path).map_err(|source| MeshError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn workload(&self, uid: &str) -> Option<(&Workload, &Identity)> {
+        let &i = self.by_uid.get(uid)?;
+        Some((&self.workloads[i], &self.identities[i]))
+    }
+
+    pub fn workload_at(&self, ip: IpAddr) -> Option<(&Workload, &Identity)> {
+        let &i = self.by_ip.get(&ip)?;
+        Some((&self.workloads[i], &self.identities[i]))
+    }
+
+    /// The service behind `vip:port`, with its endpoints' target addresses.
+    pub fn service_at(&self, addr: SocketAddr) -> Option<(&Service, Vec<SocketAddr>)> {
+        let &(i, target) = self.by_vip.get(&addr)?;
+        let service = &self.services[i];
+        let family_matches = |ip: &IpAddr| ip.is_ipv4() == addr.is_ipv4();
+        let endpoints = service
+            .endpoints
+            .iter()
+            .filter_map(|uid| self.workload(uid))
+            .filter_map(|(w, _)| w.ips.iter().copied().find(family_matches))
+            .map(|ip| SocketAddr::new(ip, target))
+            .collect();
+        Some((service, endpoints))
+    }
+
+    pub fn workloads(&self) -> usize {
+        self.workloads.len()
+    }
+}
+
+/// "line N" of the first line that mentions `needle`, for errors the parser cannot place.
+fn line_hint(text: &str, needle: &str) -> String {
+    if needle.is_empty() {
+        return "line unknown".to_owned();
+    }
+    text.lines()
+        .position(|line| line.contains(needle))
+        .map_or_else(|| "line unknown".to_owned(), |n| format!("line {}", n + 1))
+}
+
+/// The current mesh, replaced whole when the file changes; readers take an `Arc` snapshot per
+/// connection, so a reload never changes a connection's view halfway.
+pub struct MeshWatch {
+    current: RwLock<Arc<Mesh>>,
+    path: PathBuf,
+}
+
+impl MeshWatch {
+    pub fn load(path: &Path) -> Result<Arc<Self>, MeshError> {
+        let mesh = Mesh::load(path)?;
+        info!(path = %path.display(), workloads = mesh.workloads(), "mesh loaded");
+        Ok(Arc::new(Self {
+            current: RwLock::new(Arc::new(mesh)),
+            path: path.to_path_buf(),
+        }))
+    }
+
+    pub fn current(&self) -> Arc<Mesh> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Re-reads the file whenever its modification time or size changes (checked every
+    /// `every`), until the watch is dropped. Polling rather than inotify: it also sees a file
+    /// replaced by rename, as a ConfigMap update does.
+    pub fn spawn_reloader(self: &Arc<Self>, every: Duration) {
+        let watch = Arc::downgrade(self);
+        let path = self.path.clone();
+        tokio::spawn(async move {
+            let stamp = |p: &Path| {
+                std::fs::metadata(p)
+                    .ok()
+                    .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+            };
+            let mut seen = stamp(&path);
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(watch) = watch.upgrade() else { return };
+                let now = stamp(&path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                match Mesh::load(&path) {
+                    Ok(mesh) => {
+                        info!(path = %path.display(), workloads = mesh.workloads(), "mesh reloaded");
+                        *watch
+                            .current
+                            .write()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(mesh);
+                    }
+                    Err(e) => warn!(error = %e, "mesh file refused; keeping the last good mesh"),
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+trustDomain: cluster.local
+workloads:
+  - uid: pod-sleep
+    name: sleep
+    namespace: default
+    serviceAccount: sleep
+    ips: [10.99.0.2]
+    node: a
+    protocol: HBONE
+  - uid: pod-pp
+    name: productpage
+    namespace: default
+    serviceAccount: bookinfo-productpage
+    ips: [10.99.1.2, fd00:99:1::2]
+    node: b
+    protocol: HBONE
+  - uid: pod-legacy
+    name: legacy
+    namespace: legacy
+    serviceAccount: default
+    ips: [10.99.1.9]
+    protocol: TCP
+services:
+  - hostname: productpage.default.svc.cluster.local
+    vips: [10.96.0.10, fd00:96::10]
+    ports: {9080: 8080}
+    endpoints: [pod-pp]
+";
+
+    fn parse(text: &str) -> Result<Mesh, String> {
+        Mesh::parse(Path::new("mesh.yaml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn indexes_workloads_and_services() {
+        let mesh = parse(GOOD).unwrap();
+        let (w, id) = mesh.workload_at("10.99.1.2".parse().unwrap()).unwrap();
+        assert_eq!(w.uid, "pod-pp");
+        assert_eq!(
+            id.to_string(),
+            "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
+        );
+        let (svc, eps) = mesh.service_at("10.96.0.10:9080".parse().unwrap()).unwrap();
+        assert_eq!(svc.hostname, "productpage.default.svc.cluster.local");
+        assert_eq!(eps, ["10.99.1.2:8080".parse::<SocketAddr>().unwrap()]);
+        let (_, eps6) = mesh
+            .service_at("[fd00:96::10]:9080".parse().unwrap())
+            .unwrap();
+        assert_eq!(eps6, ["[fd00:99:1::2]:8080".parse::<SocketAddr>().unwrap()]);
+        assert!(mesh.service_at("10.96.0.10:80".parse().unwrap()).is_none());
+        assert_eq!(
+            mesh.workload("pod-legacy").unwrap().0.protocol,
+            Protocol::Tcp
+        );
+    }
+
+    #[test]
+    fn malformed_files_say_where() {
+        for (text, expect) in [
+            (GOOD.replace("protocol: TCP", "protocol: UDP"), "line 22"),
+            (
+                GOOD.replace("ips: [10.99.0.2]", "ips: [10.99.0.300]"),
+                "line 7",
+            ),
+            (GOOD.replace("    node: a\n", "    nodee: a\n"), "line 8"),
+            (
+                GOOD.replace("ips: [10.99.1.9]", "ips: [10.99.0.2]"),
+                "workloads[2] (line 17): ip 10.99.0.2 also belongs to workloads[0] (pod-sleep)",
+            ),
+            (
+                GOOD.replace("uid: pod-legacy", "uid: pod-sleep"),
+                "uid \"pod-sleep\" is also workloads[0]'s",
+            ),
+            (
+                GOOD.replace("endpoints: [pod-pp]", "endpoints: [pod-gone]"),
+                "endpoint \"pod-gone\" is not a workload",
+            ),
+            (
+                GOOD.replace("serviceAccount: sleep", "serviceAccount: sl/eep"),
+                "service account",
+            ),
+        ] {
+            let err = parse(&text).expect_err(expect);
+            assert!(err.contains(expect), "{err:?} should mention {expect:?}");
+            assert!(err.starts_with("mesh.yaml: "), "{err}");
+        }
+    }
+}
