@@ -239,15 +239,26 @@ fn line_hint(text: &str, needle: &str) -> String {
 pub struct MeshWatch {
     current: RwLock<Arc<Mesh>>,
     path: PathBuf,
+    /// The file's (mtime, size) when the current mesh was read: taken before reading, so a
+    /// change racing the read is seen as a change on the next poll, never missed.
+    loaded_stamp: Option<(SystemTime, u64)>,
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
 }
 
 impl MeshWatch {
     pub fn load(path: &Path) -> Result<Arc<Self>, MeshError> {
+        let loaded_stamp = stamp(path);
         let mesh = Mesh::load(path)?;
         info!(path = %path.display(), workloads = mesh.workloads(), "mesh loaded");
         Ok(Arc::new(Self {
             current: RwLock::new(Arc::new(mesh)),
             path: path.to_path_buf(),
+            loaded_stamp,
         }))
     }
 
@@ -264,13 +275,8 @@ impl MeshWatch {
     pub fn spawn_reloader(self: &Arc<Self>, every: Duration) {
         let watch = Arc::downgrade(self);
         let path = self.path.clone();
+        let mut seen = self.loaded_stamp;
         tokio::spawn(async move {
-            let stamp = |p: &Path| {
-                std::fs::metadata(p)
-                    .ok()
-                    .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
-            };
-            let mut seen = stamp(&path);
             loop {
                 tokio::time::sleep(every).await;
                 let Some(watch) = watch.upgrade() else { return };
@@ -385,5 +391,41 @@ services:
             assert!(err.contains(expect), "{err:?} should mention {expect:?}");
             assert!(err.starts_with("mesh.yaml: "), "{err}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_changed_file_is_reloaded_and_a_broken_one_keeps_the_last_good_mesh() {
+        let path = std::env::temp_dir().join(format!("sluice-mesh-{}.yaml", std::process::id()));
+        let one = "workloads:\n  - {uid: a, name: a, namespace: d, serviceAccount: a, ips: [10.0.0.1], protocol: HBONE}\n";
+        let two = format!(
+            "{one}  - {{uid: b, name: b, namespace: d, serviceAccount: b, ips: [10.0.0.2], protocol: TCP}}\n"
+        );
+        std::fs::write(&path, one).unwrap();
+        let watch = MeshWatch::load(&path).unwrap();
+        watch.spawn_reloader(Duration::from_millis(20));
+        let wait_for = |n: usize| {
+            let watch = watch.clone();
+            async move {
+                for _ in 0..250 {
+                    if watch.current().workloads() == n {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                false
+            }
+        };
+        std::fs::write(&path, &two).unwrap();
+        assert!(wait_for(2).await, "the new workload was not picked up");
+        std::fs::write(&path, format!("{two}  - {{uid: c, ips: [not-an-ip]}}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            watch.current().workloads(),
+            2,
+            "a broken file must not replace the mesh"
+        );
+        std::fs::write(&path, one).unwrap();
+        assert!(wait_for(1).await, "a fixed file is picked up again");
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -519,6 +519,38 @@ async fn idle_connections_close() {
     assert_eq!(stats.handshake_failed.load(Ordering::Relaxed), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renew_at_half_life_without_dropping_tunnels() {
+    let dir = TempDir::new("renew");
+    let store = CertStore::new(Ca::create(&dir.0).unwrap(), Duration::from_secs(4)).unwrap();
+    let app = echo_app().await;
+    let (server, stats) = hbone_server(&store, &id("productpage")).await;
+    let before = store.certified_key(&id("productpage")).unwrap();
+    let first = pool(&store, Duration::from_secs(30));
+    let key = key("sleep", "productpage", server);
+    let held = first.open(&key, app, client_addr()).await.unwrap();
+
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let after = store.certified_key(&id("productpage")).unwrap();
+    assert_ne!(
+        before.cert[0], after.cert[0],
+        "past half its life the certificate is reissued"
+    );
+
+    // A new connection handshakes with the new certificate; the old tunnel is untouched.
+    let fresh = pool(&store, Duration::from_secs(30));
+    let (sent, received) =
+        echo_through(fresh.open(&key, app, client_addr()).await.unwrap(), 8192).await;
+    assert_eq!(sent, received);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (sent, received) = echo_through(held, 8192).await;
+    assert_eq!(
+        sent, received,
+        "a tunnel outlives the certificate it was opened with"
+    );
+    assert_eq!(stats.handshake_failed.load(Ordering::Relaxed), 0);
+}
+
 async fn wait_for(cond: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !cond() {
