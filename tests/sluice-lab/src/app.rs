@@ -176,6 +176,7 @@ pub fn run_client(place: &Placement, to: SocketAddr, bytes: u64) -> Result<Outco
 
 /// Server side, run by `sluice-lab app serve`.
 pub fn serve(addrs: &[SocketAddr]) -> Result<()> {
+    raise_nofile();
     let listeners: Vec<TcpListener> = addrs
         .iter()
         .map(|a| TcpListener::bind(a).with_context(|| format!("bind {a}")))
@@ -308,4 +309,76 @@ pub fn connrate(to: SocketAddr, seconds: f64, max: u64) -> serde_json::Value {
     }
     let elapsed = started.elapsed().as_secs_f64();
     serde_json::json!({ "connections": done, "errors": errors, "seconds": elapsed, "per_second": done as f64 / elapsed })
+}
+
+/// Request/response latency: one connection, `size`-byte messages echoed back one at a time
+/// for `seconds`; prints the p50/p99 round trip in microseconds.
+pub fn rr(to: SocketAddr, seconds: f64, size: usize) -> Result<serde_json::Value> {
+    let mut stream = TcpStream::connect_timeout(&to, WAIT)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(WAIT))?;
+    let mut greeting = [0u8; 1];
+    // Skip the server's `peer=...\n` greeting.
+    loop {
+        stream.read_exact(&mut greeting)?;
+        if greeting[0] == b'\n' {
+            break;
+        }
+    }
+    let message = vec![0x5au8; size];
+    let mut back = vec![0u8; size];
+    let mut samples = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    // Bounded by time and by count.
+    while Instant::now() < deadline && samples.len() < 10_000_000 {
+        let sent = Instant::now();
+        stream.write_all(&message)?;
+        stream.read_exact(&mut back)?;
+        samples.push(sent.elapsed().as_secs_f64() * 1e6);
+    }
+    if samples.is_empty() {
+        bail!("no round trip completed");
+    }
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    Ok(serde_json::json!({ "round_trips": samples.len(), "p50_us": at(0.5), "p99_us": at(0.99) }))
+}
+
+/// Opens `count` connections to `to` and keeps them open until stdin closes; prints `open N`
+/// once all are established (each has received its greeting, so it crossed every proxy).
+pub fn hold(to: SocketAddr, count: usize) -> Result<()> {
+    raise_nofile();
+    let mut held = Vec::with_capacity(count);
+    for i in 0..count {
+        let stream = TcpStream::connect_timeout(&to, WAIT)
+            .with_context(|| format!("connection {i} of {count}"))?;
+        stream.set_read_timeout(Some(WAIT))?;
+        let mut reader = BufReader::new(stream);
+        let mut greeting = String::new();
+        reader
+            .read_line(&mut greeting)
+            .with_context(|| format!("greeting on connection {i}"))?;
+        held.push(reader);
+    }
+    println!("open {}", held.len());
+    std::io::stdout().flush()?;
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    Ok(())
+}
+
+/// Raises this process's open-file limit to its hard limit: a workload holding a thousand
+/// connections needs more than the usual 1024.
+pub fn raise_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }

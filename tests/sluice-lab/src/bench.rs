@@ -1,4 +1,6 @@
 //! `cargo xtask bench capture`: what capture costs, measured side by side in one run.
+//! `cargo xtask bench hbone`: what the mesh costs, pod to pod across two nodes (see
+//! [`run_hbone`]).
 //!
 //! A client in a pod talks to a server on the peer host: iperf3 single-stream throughput and a
 //! short-connection rate test, in each mode: `direct` (no capture, no proxy), `iptables`,
@@ -30,6 +32,19 @@ pub enum Which {
         #[arg(long, default_value_t = 5)]
         seconds: u32,
         /// Seconds per connection-rate run.
+        #[arg(long, default_value_t = 3.0)]
+        rate_seconds: f64,
+    },
+    /// Mesh cost: a client pod on one node to a server pod on the other, `direct` (no mesh)
+    /// vs HBONE with `iptables` or `ebpf` capture.
+    Hbone {
+        /// Rounds; each round measures every mode once.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// Seconds per connection-rate and request/response run.
         #[arg(long, default_value_t = 3.0)]
         rate_seconds: f64,
     },
@@ -65,11 +80,18 @@ struct MetricResult {
 }
 
 pub fn run(which: Which) -> Result<()> {
-    let Which::Capture {
-        runs,
-        seconds,
-        rate_seconds,
-    } = which;
+    let (runs, seconds, rate_seconds) = match which {
+        Which::Capture {
+            runs,
+            seconds,
+            rate_seconds,
+        } => (runs, seconds, rate_seconds),
+        Which::Hbone {
+            runs,
+            seconds,
+            rate_seconds,
+        } => return run_hbone(runs, seconds, rate_seconds),
+    };
     if runs == 0
         || runs > 20
         || seconds == 0
@@ -151,10 +173,21 @@ fn measure(mode: Mode, seconds: u32, rate_seconds: f64) -> Result<(f64, f64)> {
 }
 
 fn iperf3(lab: &Lab, seconds: u32) -> Result<f64> {
+    iperf3_between(&lab.in_peer(), PEER_IP, &lab.in_pod_cgroup(), seconds, 1)
+}
+
+/// iperf3 from `client` to a server started in `server` on `server_ip`; Gbit/s received.
+fn iperf3_between(
+    server_place: &Placement,
+    server_ip: std::net::Ipv4Addr,
+    client_place: &Placement,
+    seconds: u32,
+    streams: u32,
+) -> Result<f64> {
     let port = "5201";
-    let mut server = app::command_in(&which("iperf3")?, &lab.in_peer())?;
+    let mut server = app::command_in(&which("iperf3")?, server_place)?;
     server
-        .args(["-s", "-1", "-B", &PEER_IP.to_string(), "-p", port])
+        .args(["-s", "-1", "-B", &server_ip.to_string(), "-p", port])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let _server = app::ProcessGuard {
@@ -164,14 +197,16 @@ fn iperf3(lab: &Lab, seconds: u32) -> Result<f64> {
     // The server needs a moment to bind; retry the client a bounded number of times.
     let mut last = String::new();
     for _ in 0..20 {
-        let mut client = app::command_in(&which("iperf3")?, &lab.in_pod_cgroup())?;
+        let mut client = app::command_in(&which("iperf3")?, client_place)?;
         client.args([
             "-c",
-            &PEER_IP.to_string(),
+            &server_ip.to_string(),
             "-p",
             port,
             "-t",
             &seconds.to_string(),
+            "-P",
+            &streams.to_string(),
             "-J",
         ]);
         let out = client.output().context("run iperf3 -c")?;
@@ -203,6 +238,233 @@ fn connrate(place: &Placement, to: SocketAddr, seconds: f64) -> Result<f64> {
         bail!("connection-rate run had {errors} failed connections: {summary}");
     }
     summary["per_second"].as_f64().context("per_second missing")
+}
+
+/// The HBONE benchmark's modes: the same two-node cluster without the mesh, and with it.
+const HBONE_MODES: [&str; 3] = ["direct", "iptables", "ebpf"];
+const HBONE_METRICS: [&str; 6] = [
+    "throughput_gbps",
+    "throughput_4_gbps",
+    "rr_p50_us",
+    "rr_p99_us",
+    "connections_per_s",
+    "rss_mb_1000_idle",
+];
+const IDLE_CONNECTIONS: usize = 1000;
+
+/// `cargo xtask bench hbone`: client pod on node 0 → server pod on node 1. Per mode and round,
+/// a fresh cluster: iperf3 with 1 and 4 streams, 64-byte request/response latency (p50, p99),
+/// short connections per second, and (with the mesh) the client node's proxy RSS while 1,000
+/// idle tunnelled connections are open. Modes rotate per round; medians and ratios at the end;
+/// JSON in `target/bench/hbone.json`, in the capture benchmark's shape.
+pub fn run_hbone(runs: usize, seconds: u32, rate_seconds: f64) -> Result<()> {
+    if runs == 0
+        || runs > 20
+        || seconds == 0
+        || seconds > 60
+        || !(0.5..=60.0).contains(&rate_seconds)
+    {
+        bail!("--runs must be 1..=20, --seconds 1..=60, --rate-seconds 0.5..=60");
+    }
+    require_tool("iperf3")?;
+    // samples[mode][metric]
+    let mut samples = vec![vec![Vec::new(); HBONE_METRICS.len()]; HBONE_MODES.len()];
+    for round in 0..runs {
+        for k in 0..HBONE_MODES.len() {
+            let m = (round + k) % HBONE_MODES.len();
+            let values = measure_hbone(HBONE_MODES[m], seconds, rate_seconds)
+                .with_context(|| format!("mode {}", HBONE_MODES[m]))?;
+            let v = |i: usize| values[i].map_or("-".to_owned(), |v| format!("{v:.1}"));
+            eprintln!(
+                "round {}/{runs} {:<9} {:>6} Gbit/s  {:>6} Gbit/s x4  rr p50 {:>6} µs p99 {:>6} µs  {:>7} conn/s  rss {} MB",
+                round + 1,
+                HBONE_MODES[m],
+                v(0),
+                v(1),
+                v(2),
+                v(3),
+                v(4),
+                v(5),
+            );
+            for (i, v) in values.iter().enumerate() {
+                if let Some(v) = v {
+                    samples[m][i].push(*v);
+                }
+            }
+        }
+    }
+    let mut results = Vec::new();
+    for (m, mode) in HBONE_MODES.iter().enumerate() {
+        for (i, metric) in HBONE_METRICS.iter().enumerate() {
+            if samples[m][i].is_empty() {
+                continue;
+            }
+            results.push(MetricResult {
+                mode,
+                metric,
+                median: median(&samples[m][i]),
+                runs: samples[m][i].clone(),
+            });
+        }
+    }
+    let get = |mode: &str, metric: &str| {
+        results
+            .iter()
+            .find(|r| r.mode == mode && r.metric == metric)
+            .map(|r| r.median)
+    };
+    println!();
+    println!(
+        "{:<9} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9}",
+        "mode", "Gbit/s", "Gbit/s x4", "p50 µs", "p99 µs", "conn/s", "RSS MB"
+    );
+    for mode in HBONE_MODES {
+        let cell = |metric: &str| get(mode, metric).map_or("-".to_owned(), |v| format!("{v:.2}"));
+        println!(
+            "{mode:<9} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9}",
+            cell("throughput_gbps"),
+            cell("throughput_4_gbps"),
+            cell("rr_p50_us"),
+            cell("rr_p99_us"),
+            cell("connections_per_s"),
+            cell("rss_mb_1000_idle"),
+        );
+    }
+    println!();
+    for mode in ["ebpf", "iptables"] {
+        let ratio = |metric: &str| match (get(mode, metric), get("direct", metric)) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".to_owned(),
+        };
+        let added = |metric: &str| match (get(mode, metric), get("direct", metric)) {
+            (Some(a), Some(b)) => format!("{:+.0} µs", a - b),
+            _ => "-".to_owned(),
+        };
+        println!(
+            "{mode} / direct: throughput {}, 4 streams {}, connections {}; added latency p50 {}, p99 {}",
+            ratio("throughput_gbps"),
+            ratio("throughput_4_gbps"),
+            ratio("connections_per_s"),
+            added("rr_p50_us"),
+            added("rr_p99_us"),
+        );
+    }
+    if let (Some(e), Some(i)) = (
+        get("ebpf", "throughput_gbps"),
+        get("iptables", "throughput_gbps"),
+    ) {
+        println!("ebpf / iptables (HBONE): throughput {:.2}x", e / i);
+    }
+    let path = output_path()?.with_file_name("hbone.json");
+    std::fs::create_dir_all(path.parent().context("output dir")?)?;
+    let json = serde_json::json!({
+        "benchmark": "hbone",
+        "command": format!("cargo xtask bench hbone --runs {runs} --seconds {seconds} --rate-seconds {rate_seconds}"),
+        "results": results,
+    });
+    std::fs::File::create(&path)?.write_all(serde_json::to_string_pretty(&json)?.as_bytes())?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// One sample of every HBONE metric, in [`HBONE_METRICS`] order, in a fresh cluster.
+fn measure_hbone(mode: &str, seconds: u32, rate_seconds: f64) -> Result<[Option<f64>; 6]> {
+    use crate::cluster::{Cluster, PodSpec};
+    let pods = [
+        PodSpec {
+            name: "client",
+            node: 0,
+            host: 2,
+            meshed: true,
+        },
+        PodSpec {
+            name: "server",
+            node: 1,
+            host: 2,
+            meshed: true,
+        },
+    ];
+    let cluster = match mode {
+        "direct" => Cluster::unmeshed(&pods)?,
+        "iptables" => Cluster::new(Backend::Iptables, &pods, &[])?,
+        _ => Cluster::new(Backend::Ebpf, &pods, &[])?,
+    };
+    let (client, server) = (cluster.pod("client"), cluster.pod("server"));
+    let one = iperf3_between(
+        &server.place_server(),
+        server.ip,
+        &client.place(),
+        seconds,
+        1,
+    )?;
+    let four = iperf3_between(
+        &server.place_server(),
+        server.ip,
+        &client.place(),
+        seconds,
+        4,
+    )?;
+    let echo_addr = server.addr(7070);
+    let _echo = app::spawn_server(&server.place_server(), &[echo_addr])?;
+    let mut rr = app::command_in(&app::binary()?, &client.place())?;
+    rr.args([
+        "app",
+        "rr",
+        "--to",
+        &echo_addr.to_string(),
+        "--seconds",
+        &rate_seconds.to_string(),
+    ]);
+    let out = rr.output().context("run the request/response client")?;
+    let rr: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("rr output: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let per_second = connrate(&client.place(), echo_addr, rate_seconds)?;
+    let rss = match cluster.proxies.first() {
+        Some(proxy) => Some(rss_with_idle(&client.place(), echo_addr, proxy.pid())?),
+        None => None,
+    };
+    Ok([
+        Some(one),
+        Some(four),
+        rr["p50_us"].as_f64(),
+        rr["p99_us"].as_f64(),
+        Some(per_second),
+        rss,
+    ])
+}
+
+/// The proxy's resident memory (MB) while the client holds [`IDLE_CONNECTIONS`] open.
+fn rss_with_idle(client: &Placement, to: SocketAddr, proxy_pid: u32) -> Result<f64> {
+    use std::io::BufRead;
+    let mut hold = app::command_in(&app::binary()?, client)?;
+    hold.args([
+        "app",
+        "hold",
+        "--to",
+        &to.to_string(),
+        "--count",
+        &IDLE_CONNECTIONS.to_string(),
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped());
+    let mut guard = app::ProcessGuard {
+        child: hold.spawn().context("start the idle-connection holder")?,
+        name: "app hold".into(),
+    };
+    let stdout = guard.child.stdout.take().context("hold stdout")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() != format!("open {IDLE_CONNECTIONS}") {
+        bail!("the holder did not open {IDLE_CONNECTIONS} connections: {line:?}");
+    }
+    let status = std::fs::read_to_string(format!("/proc/{proxy_pid}/status"))
+        .context("read the proxy's /proc status")?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS in /proc status")?;
+    Ok(kib / 1024.0)
 }
 
 fn median(values: &[f64]) -> f64 {

@@ -95,6 +95,7 @@ pub struct Cluster {
     nodes: Vec<NetnsGuard>,
     dir: DirGuard,
     pub id: String,
+    /// The capture backend (meaningless for [`Cluster::unmeshed`]).
     pub backend: Backend,
 }
 
@@ -106,7 +107,17 @@ fn subnet_ip(node: usize, host: u8) -> Ipv4Addr {
 }
 
 impl Cluster {
+    /// The cluster with each node's capture and proxy running.
     pub fn new(backend: Backend, pods: &[PodSpec], services: &[ServiceSpec]) -> Result<Self> {
+        Self::build(Some(backend), pods, services)
+    }
+
+    /// The same topology with no capture and no proxy: the `direct` baseline of benchmarks.
+    pub fn unmeshed(pods: &[PodSpec]) -> Result<Self> {
+        Self::build(None, pods, &[])
+    }
+
+    fn build(backend: Option<Backend>, pods: &[PodSpec], services: &[ServiceSpec]) -> Result<Self> {
         let id = unique_id();
         let dir = DirGuard::new(&format!("sluice-cluster-{id}"))?;
         let mut nodes = Vec::new();
@@ -196,12 +207,14 @@ impl Cluster {
             nodes,
             dir,
             id,
-            backend,
+            backend: backend.unwrap_or(Backend::Ebpf),
         };
         cluster.write_mesh(services)?;
-        cluster.init_ca()?;
-        for n in 0..2 {
-            cluster.start_node(n)?;
+        if backend.is_some() {
+            cluster.init_ca()?;
+            for n in 0..2 {
+                cluster.start_node(n)?;
+            }
         }
         Ok(cluster)
     }

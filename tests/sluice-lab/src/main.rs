@@ -1,5 +1,5 @@
 //! `sluice-lab`: runs the demo and the benchmarks on a lab, and is the workload binary inside
-//! the lab's pods (`app serve|connect|connrate`).
+//! the lab's pods (`app serve|connect|connrate|rr|hold`).
 
 use std::net::SocketAddr;
 
@@ -50,6 +50,22 @@ enum App {
         #[arg(long, default_value_t = 1_000_000)]
         max: u64,
     },
+    /// Request/response round trips on one connection; prints p50/p99 as JSON.
+    Rr {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// Opens connections and holds them until stdin closes.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -64,6 +80,11 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Cmd::App(App::Rr { to, seconds, size }) => {
+            println!("{}", sluice_lab::app::rr(to, seconds, size)?);
+            Ok(())
+        }
+        Cmd::App(App::Hold { to, count }) => sluice_lab::app::hold(to, count),
         Cmd::App(App::Connrate { to, seconds, max }) => {
             println!("{}", sluice_lab::app::connrate(to, seconds, max));
             Ok(())

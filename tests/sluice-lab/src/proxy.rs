@@ -82,6 +82,11 @@ impl ProxyProcess {
         self.process.kill();
     }
 
+    /// The proxy's process id (for reading its memory use from /proc).
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
     pub fn log(&self) -> Vec<String> {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }

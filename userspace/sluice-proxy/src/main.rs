@@ -113,6 +113,7 @@ fn main() -> Result<()> {
     if args.check_config {
         return Ok(());
     }
+    raise_nofile_limit();
     // Before any thread or socket exists: a socket belongs to the cgroup it was created in.
     if let Some(cgroup) = &args.cgroup {
         sluice_capture::cgroup::join(cgroup, std::process::id())
@@ -198,6 +199,25 @@ async fn shutdown_signal() {
             warn!(error = %e, "cannot listen for signals; stop with SIGKILL");
             std::future::pending::<()>().await;
         }
+    }
+}
+
+/// Every proxied connection holds two sockets (plus pooled tunnels): lift the soft open-file
+/// limit to the hard one, as any proxy must, so a thousand connections do not hit EMFILE.
+fn raise_nofile_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write a valid rlimit struct.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if !raised {
+        warn!(error = %std::io::Error::last_os_error(), "could not raise the open-file limit");
     }
 }
 
