@@ -395,7 +395,9 @@ async fn serve_outbound_mesh(
                 match pod.pool.open(&key, target, source).await {
                     Ok(mut tunnel) => {
                         Stats::incr(&stats.tunnelled);
-                        let copied = tokio::io::copy_bidirectional(&mut client, &mut tunnel).await;
+                        let copied = hbone::copy(&mut tunnel, &mut client)
+                            .await
+                            .map(|(from_tunnel, to_tunnel)| (to_tunnel, from_tunnel));
                         Ok((copied, Some(dst_identity)))
                     }
                     Err(e) => {
