@@ -382,3 +382,30 @@ pub fn raise_nofile() {
         }
     }
 }
+
+/// Starts `app hold` in `place`: `count` connections to `to`, open once this returns; they
+/// close when the guard is dropped (or [`ProcessGuard::kill`]ed).
+pub fn hold_connections(place: &Placement, to: SocketAddr, count: usize) -> Result<ProcessGuard> {
+    let mut cmd = command_in(&binary()?, place)?;
+    cmd.args([
+        "app",
+        "hold",
+        "--to",
+        &to.to_string(),
+        "--count",
+        &count.to_string(),
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped());
+    let mut guard = ProcessGuard {
+        child: cmd.spawn().context("start the connection holder")?,
+        name: "app hold".into(),
+    };
+    let stdout = guard.child.stdout.take().context("hold stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() != format!("open {count}") {
+        bail!("the holder did not open {count} connections: {line:?}");
+    }
+    Ok(guard)
+}

@@ -435,28 +435,7 @@ fn measure_hbone(mode: &str, seconds: u32, rate_seconds: f64) -> Result<[Option<
 
 /// The proxy's resident memory (MB) while the client holds [`IDLE_CONNECTIONS`] open.
 fn rss_with_idle(client: &Placement, to: SocketAddr, proxy_pid: u32) -> Result<f64> {
-    use std::io::BufRead;
-    let mut hold = app::command_in(&app::binary()?, client)?;
-    hold.args([
-        "app",
-        "hold",
-        "--to",
-        &to.to_string(),
-        "--count",
-        &IDLE_CONNECTIONS.to_string(),
-    ])
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped());
-    let mut guard = app::ProcessGuard {
-        child: hold.spawn().context("start the idle-connection holder")?,
-        name: "app hold".into(),
-    };
-    let stdout = guard.child.stdout.take().context("hold stdout")?;
-    let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
-    if line.trim() != format!("open {IDLE_CONNECTIONS}") {
-        bail!("the holder did not open {IDLE_CONNECTIONS} connections: {line:?}");
-    }
+    let _held = app::hold_connections(client, to, IDLE_CONNECTIONS)?;
     let status = std::fs::read_to_string(format!("/proc/{proxy_pid}/status"))
         .context("read the proxy's /proc status")?;
     let kib: f64 = status

@@ -109,15 +109,30 @@ fn subnet_ip(node: usize, host: u8) -> Ipv4Addr {
 impl Cluster {
     /// The cluster with each node's capture and proxy running.
     pub fn new(backend: Backend, pods: &[PodSpec], services: &[ServiceSpec]) -> Result<Self> {
-        Self::build(Some(backend), pods, services)
+        Self::build(Some(backend), pods, services, &[])
+    }
+
+    /// As [`Cluster::new`], with extra arguments for both proxies (e.g. `--drain-timeout 5s`).
+    pub fn with_proxy_args(
+        backend: Backend,
+        pods: &[PodSpec],
+        services: &[ServiceSpec],
+        proxy_args: &[&str],
+    ) -> Result<Self> {
+        Self::build(Some(backend), pods, services, proxy_args)
     }
 
     /// The same topology with no capture and no proxy: the `direct` baseline of benchmarks.
     pub fn unmeshed(pods: &[PodSpec]) -> Result<Self> {
-        Self::build(None, pods, &[])
+        Self::build(None, pods, &[], &[])
     }
 
-    fn build(backend: Option<Backend>, pods: &[PodSpec], services: &[ServiceSpec]) -> Result<Self> {
+    fn build(
+        backend: Option<Backend>,
+        pods: &[PodSpec],
+        services: &[ServiceSpec],
+        proxy_args: &[&str],
+    ) -> Result<Self> {
         let id = unique_id();
         let dir = DirGuard::new(&format!("sluice-cluster-{id}"))?;
         let mut nodes = Vec::new();
@@ -213,7 +228,7 @@ impl Cluster {
         if backend.is_some() {
             cluster.init_ca()?;
             for n in 0..2 {
-                cluster.start_node(n)?;
+                cluster.start_node(n, proxy_args)?;
             }
         }
         Ok(cluster)
@@ -286,7 +301,7 @@ impl Cluster {
     }
 
     /// Captures the node's meshed pods and starts its proxy for them.
-    fn start_node(&mut self, n: usize) -> Result<()> {
+    fn start_node(&mut self, n: usize, proxy_args: &[&str]) -> Result<()> {
         let proxy_cgroup = CgroupGuard::new(&format!("sluice-{}-proxy{n}", self.id))?;
         let pin_root = Path::new("/sys/fs/bpf").join(format!("sluice-lab-{}-n{n}", self.id));
         let mut capture: Box<dyn Redirector> = match self.backend {
@@ -310,12 +325,13 @@ impl Cluster {
         self.captures.push(capture);
         let mesh = self.mesh_file();
         let ca = self.dir.0.join("ca");
-        let extra = [
+        let mut extra = vec![
             "--mesh-config",
             mesh.to_str().context("mesh path")?,
             "--ca-dir",
             ca.to_str().context("ca path")?,
         ];
+        extra.extend_from_slice(proxy_args);
         self.proxies.push(
             ProxyProcess::spawn(&served, &proxy_cgroup.path, &pin_root, &extra)
                 .with_context(|| format!("start node {n}'s proxy"))?,

@@ -82,6 +82,32 @@ impl ProxyProcess {
         self.process.kill();
     }
 
+    /// Asks the proxy to stop, as the kubelet does (SIGTERM): it drains, then exits.
+    pub fn terminate(&self) -> Result<()> {
+        // SAFETY: kill(2) with a pid we own (our child, not yet reaped).
+        if unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) } != 0 {
+            bail!("SIGTERM to the proxy: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether the proxy process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.process.child.try_wait(), Ok(None))
+    }
+
+    /// Waits (bounded by `within`) for the proxy to exit; how long it took.
+    pub fn wait_exit(&mut self, within: std::time::Duration) -> Result<std::time::Duration> {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            if !self.running() {
+                return Ok(started.elapsed());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        bail!("the proxy did not exit within {within:?}")
+    }
+
     /// The proxy's process id (for reading its memory use from /proc).
     pub fn pid(&self) -> u32 {
         self.process.child.id()

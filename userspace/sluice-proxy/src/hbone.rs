@@ -212,6 +212,8 @@ pub struct ServerStats {
     /// domain.
     pub bad_identity: AtomicU64,
     pub connections: AtomicU64,
+    /// Connections that ended (the client closed them, or they drained).
+    pub closed: AtomicU64,
     pub streams: AtomicU64,
     pub tunnelled: AtomicU64,
     pub bad_request: AtomicU64,
@@ -242,6 +244,7 @@ pub async fn accept(
     trust_domain: &str,
     inbound: Arc<impl Inbound>,
     stats: Arc<ServerStats>,
+    drain: tokio::sync::watch::Receiver<bool>,
 ) {
     let remote = tcp.peer_addr().ok();
     let _ = tcp.set_nodelay(true);
@@ -260,7 +263,9 @@ pub async fn accept(
         .and_then(|chain| chain.first())
         .and_then(crate::tls::peer_identity);
     match peer {
-        Some(peer) if peer.trust_domain == trust_domain => serve(tls, peer, inbound, stats).await,
+        Some(peer) if peer.trust_domain == trust_domain => {
+            serve(tls, peer, inbound, stats, drain).await
+        }
         other => {
             stats.bad_identity.fetch_add(1, Ordering::Relaxed);
             info!(remote = ?remote, identity = ?other.map(|p| p.to_string()), trust_domain, "HBONE client is not of this mesh");
@@ -270,8 +275,16 @@ pub async fn accept(
 
 /// Serves one authenticated HBONE connection from `peer` until the client closes it. Each
 /// stream runs on its own task; errors close the stream and are counted, never panic.
-pub async fn serve<IO, I>(io: IO, peer: Identity, inbound: Arc<I>, stats: Arc<ServerStats>)
-where
+///
+/// When `drain` turns true the connection sends GOAWAY: the client opens no new stream on it,
+/// the streams already open run to their end, and then the connection closes.
+pub async fn serve<IO, I>(
+    io: IO,
+    peer: Identity,
+    inbound: Arc<I>,
+    stats: Arc<ServerStats>,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     I: Inbound,
 {
@@ -284,13 +297,24 @@ where
         }
     };
     let peer = Arc::new(peer);
-    while let Some(accepted) = conn.accept().await {
+    let mut draining = false;
+    loop {
+        let accepted = tokio::select! {
+            accepted = conn.accept() => accepted,
+            _ = drain.wait_for(|d| *d), if !draining => {
+                debug!(peer = %peer, "draining: GOAWAY");
+                conn.graceful_shutdown();
+                draining = true;
+                continue;
+            }
+        };
         let (request, respond) = match accepted {
-            Ok(stream) => stream,
-            Err(e) => {
+            Some(Ok(stream)) => stream,
+            Some(Err(e)) => {
                 debug!(peer = %peer, error = %e, "HBONE connection ended");
                 break;
             }
+            None => break,
         };
         stats.streams.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(serve_stream(
@@ -301,6 +325,7 @@ where
             stats.clone(),
         ));
     }
+    stats.closed.fetch_add(1, Ordering::Relaxed);
 }
 
 async fn serve_stream<I: Inbound>(

@@ -115,6 +115,26 @@ pub struct PodProxy {
     accept_loops: JoinSet<()>,
     /// Flipped on drop: every connection task of the pod watches it.
     closing: watch::Sender<bool>,
+    /// Flipped when the pod drains: HBONE connections send GOAWAY.
+    draining: watch::Sender<bool>,
+    /// Connections of the pod still open (captured ones and HBONE ones).
+    active: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one open connection for as long as it lives.
+struct Active(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Active {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl PodProxy {
@@ -149,6 +169,8 @@ impl PodProxy {
         };
 
         let (closing, _) = watch::channel(false);
+        let (draining, _) = watch::channel(false);
+        let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut accept_loops = JoinSet::new();
         let pod_mesh = match &mesh {
             Some(shared) => {
@@ -174,7 +196,11 @@ impl PodProxy {
                             current.trust_domain.clone(),
                             inbound,
                             shared.hbone.clone(),
-                            closing.subscribe(),
+                            Lifecycle {
+                                closing: closing.subscribe(),
+                                draining: draining.subscribe(),
+                                active: active.clone(),
+                            },
                         ));
                         let pool = Pool::new(
                             TlsDialer {
@@ -217,6 +243,7 @@ impl PodProxy {
                 direction,
                 ctx.clone(),
                 closing.subscribe(),
+                active.clone(),
             ));
         }
         info!(pod = %uid, netns_ino, "pod listeners up");
@@ -225,7 +252,28 @@ impl PodProxy {
             netns_ino,
             accept_loops,
             closing,
+            draining,
+            active,
         })
+    }
+
+    /// Starts a graceful stop: the pod's listeners close (new connections are refused, inbound
+    /// by the emptied socket map slot), HBONE connections send GOAWAY, and open connections
+    /// carry on. [`PodProxy::stop`] ends whatever is left.
+    pub fn begin_drain(&mut self, sockets: Option<&mut InboundSocketMap>) {
+        if let (Some(map), Some(ino)) = (sockets, self.netns_ino.take())
+            && let Err(e) = map.unregister(ino)
+        {
+            warn!(pod = %self.uid, error = %e, "unregister inbound listener");
+        }
+        self.accept_loops.abort_all();
+        let _ = self.draining.send(true);
+        info!(pod = %self.uid, open = self.active(), "pod draining");
+    }
+
+    /// Connections of the pod still open.
+    pub fn active(&self) -> usize {
+        self.active.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Stops serving the pod and withdraws its eBPF registration.
@@ -252,6 +300,7 @@ async fn accept_loop(
     direction: Direction,
     ctx: Arc<PodContext>,
     closing: watch::Receiver<bool>,
+    active: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -267,8 +316,10 @@ async fn accept_loop(
         let span = info_span!("conn", pod = %ctx.uid, direction = direction.as_str(), src = %canonical(peer));
         let mut closing = closing.clone();
         let ctx = ctx.clone();
+        let open = Active::new(&active);
         tokio::spawn(
             async move {
+                let _open = open;
                 tokio::select! {
                     () = serve(stream, direction, &ctx) => {}
                     _ = closing.wait_for(|c| *c) => debug!("pod stopped; connection closed"),
@@ -279,6 +330,13 @@ async fn accept_loop(
     }
 }
 
+/// How a pod's connection tasks learn that the pod drains or stops, and count themselves.
+struct Lifecycle {
+    closing: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
+    active: Arc<std::sync::atomic::AtomicUsize>,
+}
+
 /// Accepts HBONE connections for one pod; each runs until its client closes it or the pod stops.
 async fn hbone_accept_loop(
     listener: TcpListener,
@@ -286,7 +344,7 @@ async fn hbone_accept_loop(
     trust_domain: String,
     inbound: Arc<PodInbound>,
     stats: Arc<ServerStats>,
-    closing: watch::Receiver<bool>,
+    lifecycle: Lifecycle,
 ) {
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -304,11 +362,14 @@ async fn hbone_accept_loop(
             inbound.clone(),
             stats.clone(),
         );
-        let mut closing = closing.clone();
+        let mut closing = lifecycle.closing.clone();
+        let draining = lifecycle.draining.clone();
+        let open = Active::new(&lifecycle.active);
         tokio::spawn(
             async move {
+                let _open = open;
                 tokio::select! {
-                    () = hbone::accept(tcp, acceptor, &trust_domain, inbound, stats) => {}
+                    () = hbone::accept(tcp, acceptor, &trust_domain, inbound, stats, draining) => {}
                     _ = closing.wait_for(|c| *c) => debug!("pod stopped; HBONE connection closed"),
                 }
             }

@@ -61,6 +61,11 @@ struct Args {
     #[arg(long, default_value = "24h", value_parser = parse_duration, env = "SLUICE_CERT_LIFETIME")]
     cert_lifetime: std::time::Duration,
 
+    /// On SIGTERM, how long open connections may carry on (HBONE peers get GOAWAY at once)
+    /// before the rest are cut.
+    #[arg(long, default_value = "10s", value_parser = parse_drain, env = "SLUICE_DRAIN_TIMEOUT")]
+    drain_timeout: std::time::Duration,
+
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SLUICE_LOG_JSON")]
     log_json: bool,
@@ -79,6 +84,18 @@ fn parse_pod(arg: &str) -> Result<(PodUid, PathBuf), String> {
         return Err(format!("{arg:?}: the netns path is empty"));
     }
     Ok((uid, PathBuf::from(netns)))
+}
+
+/// `0s` .. `300s`.
+fn parse_drain(arg: &str) -> Result<std::time::Duration, String> {
+    let secs: u64 = arg
+        .strip_suffix('s')
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("{arg:?}: expected seconds, e.g. 10s"))?;
+    if secs > 300 {
+        return Err(format!("{arg:?}: at most 300s"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 /// `90s`, `15m`, `24h`.
@@ -167,6 +184,16 @@ async fn run(args: Args) -> Result<()> {
     println!("sluice-proxy ready pods={}", pods.len());
 
     shutdown_signal().await;
+    // Drain every pod at once, all within one bound.
+    for pod in &mut pods {
+        pod.begin_drain(sockets.as_mut());
+    }
+    let deadline = tokio::time::Instant::now() + args.drain_timeout;
+    while pods.iter().any(|p| p.active() > 0) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let cut: usize = pods.iter().map(PodProxy::active).sum();
+    info!(cut, "drained");
     for pod in pods {
         pod.stop(sockets.as_mut());
     }

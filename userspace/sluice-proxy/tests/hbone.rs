@@ -93,6 +93,22 @@ async fn echo_app() -> SocketAddr {
 
 /// The destination proxy's 15008 side; returns its address and counters.
 async fn hbone_server(store: &Arc<CertStore>, local: &Identity) -> (SocketAddr, Arc<ServerStats>) {
+    let (addr, stats, drain) = draining_server(store, local).await;
+    // Never drained: the sender lives as long as the test's runtime.
+    std::mem::forget(drain);
+    (addr, stats)
+}
+
+/// An HBONE server whose connections drain when the returned sender says so.
+async fn draining_server(
+    store: &Arc<CertStore>,
+    local: &Identity,
+) -> (
+    SocketAddr,
+    Arc<ServerStats>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let (drain, draining) = tokio::sync::watch::channel(false);
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config(local).unwrap());
@@ -110,10 +126,11 @@ async fn hbone_server(store: &Arc<CertStore>, local: &Identity) -> (SocketAddr, 
                 TD,
                 inbound.clone(),
                 server_stats.clone(),
+                draining.clone(),
             ));
         }
     });
-    (addr, stats)
+    (addr, stats, drain)
 }
 
 struct PlainTcp;
@@ -549,6 +566,58 @@ async fn certificates_renew_at_half_life_without_dropping_tunnels() {
         "a tunnel outlives the certificate it was opened with"
     );
     assert_eq!(stats.handshake_failed.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_sends_goaway_lets_open_tunnels_finish_and_refuses_new_streams() {
+    let dir = TempDir::new("drain");
+    let store = store(&dir);
+    let ca = Ca::load(&dir.0).unwrap();
+    let app = echo_app().await;
+    let (server, stats, drain) = draining_server(&store, &id("productpage")).await;
+    let issued = ca.issue(&id("sleep"), Duration::from_secs(600)).unwrap();
+    let tls = raw_client(
+        server,
+        &[&rustls::version::TLS13],
+        Some((issued.chain, issued.key)),
+    )
+    .await
+    .unwrap();
+    let (send, conn) = hbone::client_builder()
+        .handshake::<_, Bytes>(tls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let open = hbone::open_stream(send.clone(), app, client_addr())
+        .await
+        .unwrap();
+
+    drain.send(true).unwrap();
+    // The GOAWAY reaches the client: no new stream is accepted on this connection.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match hbone::open_stream(send.clone(), app, client_addr()).await {
+            Err(OpenError::H2(e)) if e.is_go_away() || e.is_remote() => break,
+            Err(e) => panic!("unexpected refusal: {e}"),
+            Ok(extra) => {
+                drop(extra);
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no GOAWAY within {WAIT:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    assert_eq!(
+        stats.closed.load(Ordering::Relaxed),
+        0,
+        "an open tunnel keeps the connection"
+    );
+    // The tunnel that was open still carries a full transfer, then the connection ends.
+    let (sent, received) = echo_through(open, 1024 * 1024).await;
+    assert_eq!(sent, received);
+    wait_for(|| stats.closed.load(Ordering::Relaxed) == 1).await;
 }
 
 async fn wait_for(cond: impl Fn() -> bool) {

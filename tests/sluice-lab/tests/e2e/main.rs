@@ -61,4 +61,16 @@ mod hbone {
         crate::require_root();
         crate::mesh::captured_clients_reach_meshed_pods_through_hbone(Backend::Iptables).unwrap();
     }
+
+    #[test]
+    fn ebpf_a_terminated_proxy_drains_then_exits() {
+        crate::require_root();
+        crate::mesh::a_terminated_proxy_drains_then_exits(Backend::Ebpf).unwrap();
+    }
+
+    #[test]
+    fn iptables_a_terminated_proxy_drains_then_exits() {
+        crate::require_root();
+        crate::mesh::a_terminated_proxy_drains_then_exits(Backend::Iptables).unwrap();
+    }
 }

@@ -143,3 +143,57 @@ pub fn captured_clients_reach_meshed_pods_through_hbone(backend: Backend) -> Res
     )?;
     Ok(())
 }
+
+/// SIGTERM to a node's proxy: its peers get GOAWAY, new connections to its pods are refused at
+/// once, open ones carry on, and it exits as soon as they are done.
+pub fn a_terminated_proxy_drains_then_exits(backend: Backend) -> Result<()> {
+    let mut cluster = Cluster::with_proxy_args(
+        backend,
+        &[
+            PodSpec {
+                name: "client",
+                node: 0,
+                host: 2,
+                meshed: true,
+            },
+            PodSpec {
+                name: "server",
+                node: 1,
+                host: 2,
+                meshed: true,
+            },
+        ],
+        &[],
+        &["--drain-timeout", "30s"],
+    )?;
+    let (client, server) = (cluster.pod("client"), cluster.pod("server"));
+    let target = server.addr(8080);
+    let _server = app::spawn_server(&server.place_server(), &[target])?;
+    let client_place = client.place();
+    let held = app::hold_connections(&client_place, target, 5)?;
+
+    let proxy = &mut cluster.proxies[1];
+    proxy.terminate()?;
+    // The five tunnels share one pooled HBONE connection: one open connection to wait for.
+    proxy.wait_for_log(&["pod draining", "open=1"])?;
+    let refused = app::run_client(&client_place, target, 1024)?;
+    ensure!(
+        !refused.ok,
+        "a draining proxy must refuse new connections: {refused:?}"
+    );
+    ensure!(
+        proxy.running(),
+        "the proxy must wait for its open connections"
+    );
+
+    drop(held);
+    let took = proxy.wait_exit(std::time::Duration::from_secs(10))?;
+    ensure!(
+        proxy
+            .log()
+            .iter()
+            .any(|l| l.contains("drained") && l.contains("cut=0")),
+        "every connection should have finished on its own (exited after {took:?})"
+    );
+    Ok(())
+}
