@@ -241,6 +241,35 @@ async fn a_peer_from_another_mesh_root_is_refused_both_ways() {
     wait_for(|| stats.handshake_failed.load(Ordering::Relaxed) == 1).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_root_rotation_both_roots_are_trusted() {
+    let (old, new) = (TempDir::new("rotate-old"), TempDir::new("rotate-new"));
+    let old_ca = Ca::create(&old.0).unwrap();
+    let new_ca = Ca::create(&new.0).unwrap();
+    drop((old_ca, new_ca));
+    // Each side trusts the other's root through its trust bundle, as mid-rotation.
+    std::fs::copy(old.0.join("root-cert.pem"), new.0.join("trust-bundle.pem")).unwrap();
+    std::fs::copy(new.0.join("root-cert.pem"), old.0.join("trust-bundle.pem")).unwrap();
+    let (old_store, new_store) = (store(&old), store(&new));
+    let app = echo_app().await;
+    let (server, stats) = hbone_server(&new_store, &id("productpage")).await;
+    let stream = pool(&old_store, Duration::from_secs(30))
+        .open(&key("sleep", "productpage", server), app, client_addr())
+        .await
+        .unwrap();
+    let (sent, received) = echo_through(stream, 4096).await;
+    assert_eq!(sent, received);
+    assert_eq!(stats.handshake_failed.load(Ordering::Relaxed), 0);
+
+    // Without the bundle the old side no longer trusts the new root.
+    std::fs::remove_file(old.0.join("trust-bundle.pem")).unwrap();
+    let err = pool(&store(&old), Duration::from_secs(30))
+        .open(&key("sleep", "productpage", server), app, client_addr())
+        .await
+        .expect_err("the new root is not trusted without the bundle");
+    assert!(matches!(err, PoolError::Dial { .. }), "{err}");
+}
+
 /// A hand-built TLS client, to play peers sluice itself would never be.
 async fn raw_client(
     server: SocketAddr,
