@@ -33,6 +33,9 @@ pub const MAX_FRAME: u32 = 256 * 1024;
 /// one DATA frame, one wake-up of the connection task and one TLS write, and with tokio's 8 KiB
 /// default those per-chunk costs, not the cipher, capped a tunnel's throughput.
 pub const COPY_BUFFER: usize = 256 * 1024;
+/// rustls buffers at most this much encrypted data before it must be written out (64 KiB by
+/// default): room for a whole copy buffer's worth of records per write.
+pub const TLS_BUFFER: usize = 1024 * 1024;
 /// A CONNECT request's headers are small; anything bigger is refused by h2 itself.
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 
@@ -248,7 +251,7 @@ pub async fn accept(
 ) {
     let remote = tcp.peer_addr().ok();
     let _ = tcp.set_nodelay(true);
-    let tls = match acceptor.accept(tcp).await {
+    let mut tls = match acceptor.accept(tcp).await {
         Ok(tls) => tls,
         Err(e) => {
             stats.handshake_failed.fetch_add(1, Ordering::Relaxed);
@@ -256,6 +259,7 @@ pub async fn accept(
             return;
         }
     };
+    tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
     let peer = tls
         .get_ref()
         .1
