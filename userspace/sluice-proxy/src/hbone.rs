@@ -412,8 +412,8 @@ fn connect_target(request: &Request<RecvStream>) -> Result<SocketAddr, &'static 
 /// Not `copy_bidirectional`: HTTP/2 hands out and takes `Bytes`, so the TCP side reads straight
 /// into a `BytesMut` whose filled part becomes the DATA frame, and received frames are written
 /// straight to the socket; no intermediate buffer, one memcpy less per byte each way. The read
-/// buffer starts at 16 KiB and doubles while reads fill it (up to [`COPY_BUFFER`]), so idle
-/// connections stay small and bulk ones get large frames.
+/// buffer ([`COPY_BUFFER`]) is taken only once the socket is readable, so idle connections hold
+/// none.
 pub async fn copy(
     tunnel: &mut H2Stream,
     tcp: &mut tokio::net::TcpStream,
@@ -428,10 +428,13 @@ pub async fn copy(
     } = tunnel;
     let to_tunnel = async {
         let mut total = 0u64;
-        let mut size = 16 * 1024;
         let mut buf = bytes::BytesMut::new();
         loop {
-            buf.reserve(size);
+            // Only a connection with something to send holds a buffer: idle ones cost nothing.
+            AsRef::<tokio::net::TcpStream>::as_ref(&tcp_read)
+                .readable()
+                .await?;
+            buf.reserve(COPY_BUFFER);
             let n = tcp_read.read_buf(&mut buf).await?;
             if n == 0 {
                 // The app half-closed: END_STREAM (already ended or reset is fine).
@@ -439,9 +442,6 @@ pub async fn copy(
                     Err(e) if e.is_io() => return Err(h2_io(e)),
                     _ => return Ok(total),
                 }
-            }
-            if n >= size {
-                size = (size * 2).min(COPY_BUFFER);
             }
             total += n as u64;
             let mut chunk = buf.split().freeze();
