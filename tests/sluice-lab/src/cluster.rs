@@ -1,6 +1,7 @@
 //! A two-node cluster in network namespaces, for the mesh tests: each node is a netns with a
-//! bridge its pods hang off (`10.99.<node+1>.0/24`), the two nodes are joined by one veth link
-//! (`10.98.0.1` ↔ `10.98.0.2`, routed), and each node runs its own capture (eBPF or iptables,
+//! bridge its pods hang off (`10.99.<node+1>.0/24` and `fd00:99:<node+1>::/64`: every pod is
+//! dual-stack), the two nodes are joined by one veth link (`10.98.0.1` ↔ `10.98.0.2`,
+//! `fd00:98::1` ↔ `fd00:98::2`, routed), and each node runs its own capture (eBPF or iptables,
 //! its own pin root) and its own `sluice-proxy` serving that node's enrolled pods, with one CA
 //! and one mesh file shared by both.
 //!
@@ -12,7 +13,7 @@
 //!
 //! Everything is removed on drop: proxies, capture, cgroups, namespaces, the CA directory.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,6 +56,7 @@ pub struct ClusterPod {
     pub name: &'static str,
     pub uid: PodUid,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub node: usize,
     pub meshed: bool,
     capture: PodCapture,
@@ -83,6 +85,10 @@ impl ClusterPod {
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::from((self.ip, port))
     }
+
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip6, port))
+    }
 }
 
 /// Field order is drop order.
@@ -104,6 +110,14 @@ const LINK: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 98, 0, 1), Ipv4Addr::new(10, 98, 
 
 fn subnet_ip(node: usize, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 99, node as u8 + 1, host)
+}
+
+fn subnet_ip6(node: usize, host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x99, node as u16 + 1, 0, 0, 0, 0, u16::from(host))
+}
+
+fn link_ip6(node: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x98, 0, 0, 0, 0, 0, node as u16 + 1)
 }
 
 impl Cluster {
@@ -139,9 +153,13 @@ impl Cluster {
         for n in 0..2 {
             let node = NetnsGuard::new(format!("sluice-{id}-n{n}"))?;
             node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            node.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
             node.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
             let gateway = format!("{}/24", subnet_ip(n, 1));
             node.exec(&["ip", "addr", "add", &gateway, "dev", "br0"])?;
+            // nodad: usable at once, no duplicate-address wait.
+            let gateway6 = format!("{}/64", subnet_ip6(n, 1));
+            node.exec(&["ip", "-6", "addr", "add", &gateway6, "dev", "br0", "nodad"])?;
             node.exec(&["ip", "link", "set", "br0", "up"])?;
             nodes.push(node);
         }
@@ -170,7 +188,12 @@ impl Cluster {
                 "dev",
                 &link[n],
             ])?;
+            let link6 = format!("{}/64", link_ip6(n));
+            nodes[n].exec(&["ip", "-6", "addr", "add", &link6, "dev", &link[n], "nodad"])?;
             nodes[n].exec(&["ip", "link", "set", &link[n], "up"])?;
+            let route6 = format!("fd00:99:{}::/64", other + 1);
+            let via6 = link_ip6(other).to_string();
+            nodes[n].exec(&["ip", "-6", "route", "add", &route6, "via", &via6])?;
             let route = format!("10.99.{}.0/24", other + 1);
             nodes[n].exec(&[
                 "ip",
@@ -197,6 +220,11 @@ impl Cluster {
             ns.exec(&["ip", "link", "set", &inside, "up"])?;
             let gateway = subnet_ip(spec.node, 1).to_string();
             ns.exec(&["ip", "route", "add", "default", "via", &gateway])?;
+            let ip6 = subnet_ip6(spec.node, spec.host);
+            let cidr6 = format!("{ip6}/64");
+            ns.exec(&["ip", "-6", "addr", "add", &cidr6, "dev", &inside, "nodad"])?;
+            let gateway6 = subnet_ip6(spec.node, 1).to_string();
+            ns.exec(&["ip", "-6", "route", "add", "default", "via", &gateway6])?;
             let cgroup = CgroupGuard::new(&format!("sluice-{id}-{}", spec.name))?;
             let uid = PodUid::parse(&format!("{}-{id}", spec.name))?;
             let mut capture = PodCapture::new(uid.clone(), ns.path());
@@ -205,6 +233,7 @@ impl Cluster {
                 name: spec.name,
                 uid,
                 ip,
+                ip6,
                 node: spec.node,
                 meshed: spec.meshed,
                 capture,
@@ -261,8 +290,8 @@ impl Cluster {
             let protocol = if pod.meshed { "HBONE" } else { "TCP" };
             yaml.push_str(&format!(
                 "  - uid: {}\n    name: {}\n    namespace: default\n    serviceAccount: {}\n    \
-                 ips: [{}]\n    node: node-{}\n    protocol: {protocol}\n",
-                pod.uid, pod.name, pod.name, pod.ip, pod.node
+                 ips: [{}, {}]\n    node: node-{}\n    protocol: {protocol}\n",
+                pod.uid, pod.name, pod.name, pod.ip, pod.ip6, pod.node
             ));
         }
         yaml.push_str("services:\n");

@@ -69,7 +69,10 @@ pub fn captured_clients_reach_meshed_pods_through_hbone(backend: Backend) -> Res
     );
     let _servers = [
         app::spawn_server(&reviews.place_server(), &[reviews.addr(8080)])?,
-        app::spawn_server(&productpage.place_server(), &[productpage.addr(8080)])?,
+        app::spawn_server(
+            &productpage.place_server(),
+            &[productpage.addr(8080), productpage.addr6(8080)],
+        )?,
         app::spawn_server(&legacy.place_server(), &[legacy.addr(8080)])?,
     ];
 
@@ -90,6 +93,12 @@ pub fn captured_clients_reach_meshed_pods_through_hbone(backend: Backend) -> Res
             "the app must see the VIP it dialled as its peer: {by_vip:?}"
         );
     }
+    let by_ip6 = app::run_client(&sleep.place(), productpage.addr6(8080), MIB)?;
+    ok(
+        "sleep → productpage by its IPv6 address (other node)",
+        &by_ip6,
+        MIB,
+    )?;
     let same_node = app::run_client(&sleep.place(), reviews.addr(8080), MIB)?;
     ok("sleep → reviews (same node)", &same_node, MIB)?;
 
@@ -109,12 +118,12 @@ pub fn captured_clients_reach_meshed_pods_through_hbone(backend: Backend) -> Res
         &["connection closed", "hbone=true", &server_id("reviews")],
         1,
     )?;
-    proxy_b.wait_for_log_lines(&["tunnel closed", &server_id("sleep")], 4)?;
+    proxy_b.wait_for_log_lines(&["tunnel closed", &server_id("sleep")], 5)?;
     proxy_a.wait_for_log_lines(&["tunnel closed", &server_id("sleep")], 1)?;
 
-    // What crossed the link between the nodes was TLS: 5 MiB went over it, none of it legible.
+    // What crossed the link between the nodes was TLS: 6 MiB went over it, none of it legible.
     ensure!(
-        link.len() as u64 > 5 * MIB,
+        link.len() as u64 > 6 * MIB,
         "the cross-node traffic should have crossed the link ({} bytes seen)",
         link.len()
     );
