@@ -24,7 +24,7 @@ enum Cmd {
     /// idempotent, prints each step it takes.
     Setup,
     /// Run every test tier (unit, BPF, netns end-to-end for both capture backends), then the
-    /// eBPF load and capture tests again on the oldest supported kernel (5.10) under QEMU.
+    /// end-to-end tests (capture, HBONE) again on the oldest supported kernel (5.10) under QEMU.
     /// Needs root.
     Test {
         /// Skip the 5.10 kernel leg (a quicker loop while developing; CI never skips it).
