@@ -1,0 +1,337 @@
+//! `SOCK_SEQPACKET` on a Unix socket: message boundaries kept by the kernel, ordered and
+//! reliable, and file descriptors passed with `SCM_RIGHTS`. Blocking calls; async users wrap
+//! the fd (it is a plain socket).
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use prost::Message;
+
+use crate::{MAX_MESSAGE, ZdsError};
+
+/// At most this many fds are accepted with one message (ZDS sends at most one); more are closed.
+const MAX_FDS: usize = 4;
+
+/// One end of a hand-off connection.
+#[derive(Debug)]
+pub struct Channel {
+    fd: OwnedFd,
+}
+
+/// A message as received, with the descriptors that came with it (closed on drop if unused).
+#[derive(Debug)]
+pub struct Received {
+    pub bytes: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Received {
+    /// Decodes the message as `M`.
+    pub fn decode<M: Message + Default>(&self) -> Result<M, ZdsError> {
+        Ok(M::decode(self.bytes.as_slice())?)
+    }
+}
+
+fn seqpacket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned right after.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn unix_addr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "socket path {} is longer than {} bytes",
+                path.display(),
+                addr.sun_path.len() - 1
+            ),
+        ));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    Ok((addr, len as libc::socklen_t))
+}
+
+impl Channel {
+    /// A connected pair in this process (tests, and an agent and proxy in one process).
+    pub fn pair() -> io::Result<(Channel, Channel)> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: socketpair writes two fds into the array.
+        let ret = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds are fresh and owned from here on.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok((Channel { fd: a }, Channel { fd: b }))
+    }
+
+    /// Connects to the agent's socket (the proxy side).
+    pub fn connect(path: &Path) -> io::Result<Channel> {
+        let fd = seqpacket()?;
+        let (addr, len) = unix_addr(path)?;
+        // SAFETY: addr is a valid sockaddr_un of length len.
+        let ret = unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&addr).cast(), len) };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Channel { fd })
+    }
+
+    /// Sends one message, with `fd` attached if given.
+    pub fn send(&self, message: &impl Message, fd: Option<BorrowedFd<'_>>) -> Result<(), ZdsError> {
+        let bytes = message.encode_to_vec();
+        if bytes.len() > MAX_MESSAGE {
+            return Err(ZdsError::TooLarge(bytes.len()));
+        }
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        };
+        // Room for one fd's control message, u64-aligned as cmsg requires.
+        let mut control = [0u64; 4];
+        // SAFETY: msghdr is plain data; zeroes is a valid starting value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if let Some(fd) = fd {
+            // SAFETY: CMSG_SPACE is a pure size computation.
+            let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            // SAFETY: msg_control points at `space` bytes of aligned buffer, enough for one
+            // cmsghdr carrying one int; CMSG_FIRSTHDR/CMSG_DATA stay inside it.
+            unsafe {
+                let cmsg = libc::CMSG_FIRSTHDR(&msg);
+                (*cmsg).cmsg_level = libc::SOL_SOCKET;
+                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd.as_raw_fd());
+            }
+        }
+        // SAFETY: msg points at live buffers for the duration of the call.
+        let sent = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        Ok(())
+    }
+
+    /// Receives one message and the fds sent with it. A closed peer is `UnexpectedEof`.
+    pub fn recv(&self) -> Result<Received, ZdsError> {
+        let mut bytes = vec![0u8; MAX_MESSAGE];
+        let mut iov = libc::iovec {
+            iov_base: bytes.as_mut_ptr().cast(),
+            iov_len: bytes.len(),
+        };
+        let mut control = [0u64; 8];
+        // SAFETY: as in send.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: msg points at live, writable buffers; MSG_CMSG_CLOEXEC marks received fds.
+        let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        // Take ownership of every fd first, so none leaks whatever happens next.
+        let mut fds = Vec::new();
+        // SAFETY: the kernel filled msg_control; the CMSG_* macros walk it within its length.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(cmsg);
+                    let header = libc::CMSG_LEN(0) as usize;
+                    let count = ((*cmsg).cmsg_len as usize - header) / std::mem::size_of::<RawFd>();
+                    for i in 0..count {
+                        let raw = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                        fds.push(OwnedFd::from_raw_fd(raw));
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        if msg.msg_flags & libc::MSG_TRUNC != 0 {
+            return Err(ZdsError::TooLarge(MAX_MESSAGE));
+        }
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > MAX_FDS {
+            return Err(ZdsError::Fds(
+                fds.len(),
+                "more than a ZDS message ever carries",
+            ));
+        }
+        if n == 0 && fds.is_empty() {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+        bytes.truncate(n as usize);
+        Ok(Received { bytes, fds })
+    }
+}
+
+impl AsFd for Channel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// The agent's listening socket. The socket file is removed on drop.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+    path: std::path::PathBuf,
+}
+
+impl Listener {
+    /// Binds `path`, replacing a stale socket file from an earlier run.
+    pub fn bind(path: &Path) -> io::Result<Listener> {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let fd = seqpacket()?;
+        let (addr, len) = unix_addr(path)?;
+        // SAFETY: addr is a valid sockaddr_un of length len.
+        if unsafe { libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&addr).cast(), len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: listen on our own bound socket.
+        if unsafe { libc::listen(fd.as_raw_fd(), 16) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Listener {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Waits for the next proxy to connect.
+    pub fn accept(&self) -> io::Result<Channel> {
+        // SAFETY: accept4 with null address arguments; the fd is owned right after.
+        let fd = unsafe {
+            libc::accept4(
+                self.fd.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        Ok(Channel {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use crate::messages::workload_request::Payload;
+    use crate::messages::*;
+
+    fn ino(fd: BorrowedFd<'_>) -> u64 {
+        let file = std::fs::File::from(fd.try_clone_to_owned().unwrap());
+        file.metadata().unwrap().ino()
+    }
+
+    #[test]
+    fn a_netns_fd_travels_with_its_add() {
+        let (agent, proxy) = Channel::pair().unwrap();
+        proxy
+            .send(
+                &ZdsHello {
+                    version: Version::V1 as i32,
+                },
+                None,
+            )
+            .unwrap();
+        let hello: ZdsHello = agent.recv().unwrap().decode().unwrap();
+        assert_eq!(hello.version, Version::V1 as i32);
+
+        let netns = std::fs::File::open("/proc/self/ns/net").unwrap();
+        let add = WorkloadRequest {
+            payload: Some(Payload::Add(AddWorkload {
+                uid: "pod-1".into(),
+                workload_info: None,
+            })),
+        };
+        agent.send(&add, Some(netns.as_fd())).unwrap();
+        let got = proxy.recv().unwrap();
+        assert_eq!(got.decode::<WorkloadRequest>().unwrap(), add);
+        assert_eq!(got.fds.len(), 1, "exactly the one netns fd");
+        assert_eq!(
+            ino(got.fds[0].as_fd()),
+            ino(netns.as_fd()),
+            "the same namespace"
+        );
+
+        proxy.send(&WorkloadResponse::ack(Ok(())), None).unwrap();
+        let ack = agent.recv().unwrap();
+        assert_eq!(ack.bytes, [0x0a, 0x00]);
+        assert!(ack.fds.is_empty());
+    }
+
+    #[test]
+    fn a_closed_peer_reads_as_end_of_file() {
+        let (agent, proxy) = Channel::pair().unwrap();
+        drop(proxy);
+        match agent.recv() {
+            Err(ZdsError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
+            other => panic!("expected EOF, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn listener_and_connect_over_a_socket_file() {
+        let path = std::env::temp_dir().join(format!("sluice-zds-{}.sock", std::process::id()));
+        let listener = Listener::bind(&path).unwrap();
+        let proxy = Channel::connect(&path).unwrap();
+        let agent = listener.accept().unwrap();
+        agent
+            .send(
+                &WorkloadRequest {
+                    payload: Some(Payload::SnapshotSent(SnapshotSent {})),
+                },
+                None,
+            )
+            .unwrap();
+        assert_eq!(proxy.recv().unwrap().bytes, [0x1a, 0x00]);
+        drop(listener);
+        assert!(!path.exists(), "the socket file goes with the listener");
+    }
+}
