@@ -35,6 +35,15 @@ impl Netns {
         Ok(Self { file, path })
     }
 
+    /// Adopts a netns fd received from elsewhere (the agent's hand-off); `label` names it in
+    /// logs and errors.
+    pub fn from_fd(fd: std::os::fd::OwnedFd, label: impl Into<PathBuf>) -> Self {
+        Self {
+            file: File::from(fd),
+            path: label.into(),
+        }
+    }
+
     /// Resolves `--netns` style arguments: a path, or a name under `/var/run/netns`.
     pub fn open_named_or_path(arg: &str) -> io::Result<Self> {
         if arg.contains('/') {

@@ -99,6 +99,37 @@ impl Channel {
         Ok(Channel { fd })
     }
 
+    /// Bounds every later `recv` (and `send`) by `timeout`; `None` waits forever. A timed-out
+    /// call fails with `WouldBlock`.
+    pub fn set_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        let tv = match timeout {
+            Some(t) => libc::timeval {
+                tv_sec: t.as_secs() as libc::time_t,
+                tv_usec: t.subsec_micros() as libc::suseconds_t,
+            },
+            None => libc::timeval {
+                tv_sec: 0,
+                tv_usec: 0,
+            },
+        };
+        for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+            // SAFETY: a valid timeval of the size given, on our own socket.
+            let ret = unsafe {
+                libc::setsockopt(
+                    self.fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    std::ptr::from_ref(&tv).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+            if ret != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
     /// Sends one message, with `fd` attached if given.
     pub fn send(&self, message: &impl Message, fd: Option<BorrowedFd<'_>>) -> Result<(), ZdsError> {
         let bytes = message.encode_to_vec();

@@ -111,6 +111,8 @@ struct PodContext {
 /// A served pod. Dropping it stops serving the pod.
 pub struct PodProxy {
     uid: PodUid,
+    /// The inode of the pod's netns: tells a re-sent pod from a recreated sandbox.
+    netns_inode: u64,
     netns_ino: Option<u64>,
     accept_loops: JoinSet<()>,
     /// Flipped on drop: every connection task of the pod watches it.
@@ -149,6 +151,7 @@ impl PodProxy {
         mesh: Option<Arc<MeshContext>>,
     ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
+        let netns_inode = netns.inode().context("stat the pod's netns")?;
         let netns = Arc::new(netns);
         let where_ = || format!("pod {uid} (netns {})", netns.path().display());
         let outbound4 = socket::listen_in(&netns, socket::outbound_v4(), false)
@@ -249,6 +252,7 @@ impl PodProxy {
         info!(pod = %uid, netns_ino, "pod listeners up");
         Ok(Self {
             uid,
+            netns_inode,
             netns_ino,
             accept_loops,
             closing,
@@ -269,6 +273,11 @@ impl PodProxy {
         self.accept_loops.abort_all();
         let _ = self.draining.send(true);
         info!(pod = %self.uid, open = self.active(), "pod draining");
+    }
+
+    /// The inode of the netns this pod is served in.
+    pub fn netns_inode(&self) -> u64 {
+        self.netns_inode
     }
 
     /// Connections of the pod still open.

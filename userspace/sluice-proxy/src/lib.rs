@@ -16,3 +16,4 @@ pub mod route;
 pub mod socket;
 pub mod stats;
 pub mod tls;
+pub mod zds;

@@ -2,6 +2,7 @@
 //! netns and carries its captured connections: through HBONE (mutual TLS, HTTP/2 CONNECT) to
 //! meshed workloads when given a mesh file and a CA, by plain passthrough otherwise.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use sluice_proxy::mesh::MeshWatch;
 use sluice_proxy::route::Balancer;
 use sluice_proxy::stats::Stats;
 use sluice_proxy::tls::CertStore;
+use sluice_proxy::zds;
 
 /// sluice's node proxy: captured pod traffic in, original destinations out.
 #[derive(Parser, Debug)]
@@ -27,6 +29,11 @@ struct Args {
     /// A pod to serve, as UID=NETNS_PATH (repeatable). The CNI agent hand-off replaces this.
     #[arg(long = "pod", value_parser = parse_pod, env = "SLUICE_PODS", value_delimiter = ' ')]
     pods: Vec<(PodUid, PathBuf)>,
+
+    /// The agent's hand-off socket (ZDS protocol): pods arrive and leave as the agent says,
+    /// each with its netns fd. With it, --pod is optional.
+    #[arg(long, env = "SLUICE_ZDS_SOCKET")]
+    zds_socket: Option<PathBuf>,
 
     /// The cgroup v2 directory to run in. With eBPF capture this is where the agent attached
     /// the SO_ORIGINAL_DST emulation; the proxy joins it before creating any socket.
@@ -164,37 +171,63 @@ async fn run(args: Args) -> Result<()> {
         None => None,
     };
     let mut sockets = InboundSocketMap::open(&args.pin_root)?;
-    let mut pods = Vec::new();
+    let mut pods: HashMap<PodUid, PodProxy> = HashMap::new();
     for (uid, netns_path) in &args.pods {
         let netns = Netns::open(netns_path)
             .with_context(|| format!("open netns {} of pod {uid}", netns_path.display()))?;
-        pods.push(PodProxy::start(
+        let pod = PodProxy::start(
             uid.clone(),
             netns,
             sockets.as_mut(),
             args.copy,
             stats.clone(),
             mesh.clone(),
-        )?);
+        )?;
+        pods.insert(uid.clone(), pod);
     }
-    if pods.is_empty() {
-        bail!("no pods to serve; pass --pod UID=NETNS_PATH");
+    let (commands, mut requests) = tokio::sync::mpsc::channel(16);
+    let (connected, mut connections) = tokio::sync::mpsc::unbounded_channel();
+    match &args.zds_socket {
+        Some(path) => {
+            zds::spawn(path.clone(), commands, connected);
+            // Ready once the agent is reached: its snapshot follows.
+            connections.recv().await;
+            println!(
+                "sluice-proxy ready pods={} zds={}",
+                pods.len(),
+                path.display()
+            );
+        }
+        None if pods.is_empty() => {
+            bail!("no pods to serve; pass --pod UID=NETNS_PATH or --zds-socket PATH")
+        }
+        // Tests and scripts wait for this line: every pod's listeners are up.
+        None => println!("sluice-proxy ready pods={}", pods.len()),
     }
-    // Tests and scripts wait for this line: every pod's listeners are up.
-    println!("sluice-proxy ready pods={}", pods.len());
 
-    shutdown_signal().await;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(command) = requests.recv() => {
+                let ctx = (&mut sockets, args.copy, &stats, &mesh);
+                handle(command, &mut pods, ctx);
+            }
+            Some(()) = connections.recv() => info!("reconnected to the agent; awaiting its snapshot"),
+        }
+    }
     // Drain every pod at once, all within one bound.
-    for pod in &mut pods {
+    for pod in pods.values_mut() {
         pod.begin_drain(sockets.as_mut());
     }
     let deadline = tokio::time::Instant::now() + args.drain_timeout;
-    while pods.iter().any(|p| p.active() > 0) && tokio::time::Instant::now() < deadline {
+    while pods.values().any(|p| p.active() > 0) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let cut: usize = pods.iter().map(PodProxy::active).sum();
+    let cut: usize = pods.values().map(PodProxy::active).sum();
     info!(cut, "drained");
-    for pod in pods {
+    for (_, pod) in pods {
         pod.stop(sockets.as_mut());
     }
     let counters: Vec<String> = stats
@@ -208,6 +241,66 @@ async fn run(args: Args) -> Result<()> {
         .unwrap_or_default();
     info!(stats = %counters.join(" "), hbone, "sluice-proxy stopped");
     Ok(())
+}
+
+type PodEnv<'a> = (
+    &'a mut Option<InboundSocketMap>,
+    CopyMode,
+    &'a Arc<Stats>,
+    &'a Option<Arc<MeshContext>>,
+);
+
+/// Carries out one hand-off request; its result becomes the ack.
+fn handle(command: zds::Command, pods: &mut HashMap<PodUid, PodProxy>, env: PodEnv<'_>) {
+    let (sockets, copy, stats, mesh) = env;
+    match command {
+        zds::Command::Add { uid, netns, reply } => {
+            let same = match (pods.get(&uid), netns.inode()) {
+                (Some(pod), Ok(inode)) => pod.netns_inode() == inode,
+                _ => false,
+            };
+            if same {
+                let _ = reply.send(Ok(()));
+                return;
+            }
+            // A new sandbox for a known uid: the old listeners go first.
+            if let Some(old) = pods.remove(&uid) {
+                old.stop(sockets.as_mut());
+            }
+            let result = PodProxy::start(
+                uid.clone(),
+                netns,
+                sockets.as_mut(),
+                copy,
+                stats.clone(),
+                mesh.clone(),
+            )
+            .map(|pod| {
+                pods.insert(uid.clone(), pod);
+            })
+            .map_err(|e| format!("{e:#}"));
+            if let Err(e) = &result {
+                warn!(pod = %uid, error = %e, "could not serve the pod");
+            }
+            let _ = reply.send(result);
+        }
+        zds::Command::Del { uid, reply } => {
+            if let Some(pod) = pods.remove(&uid) {
+                pod.stop(sockets.as_mut());
+            }
+            let _ = reply.send(Ok(()));
+        }
+        zds::Command::Snapshot { keep, reply } => {
+            let gone: Vec<PodUid> = pods.keys().filter(|u| !keep.contains(u)).cloned().collect();
+            for uid in gone {
+                if let Some(pod) = pods.remove(&uid) {
+                    info!(pod = %uid, "not in the agent's snapshot: stopped");
+                    pod.stop(sockets.as_mut());
+                }
+            }
+            let _ = reply.send(Ok(()));
+        }
+    }
 }
 
 async fn shutdown_signal() {

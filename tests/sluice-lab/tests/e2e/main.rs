@@ -8,6 +8,7 @@ mod bpf;
 mod capture;
 mod cleanup;
 mod mesh;
+mod zds;
 
 use sluice_capture::Backend;
 
@@ -72,5 +73,21 @@ mod hbone {
     fn iptables_a_terminated_proxy_drains_then_exits() {
         crate::require_root();
         crate::mesh::a_terminated_proxy_drains_then_exits(Backend::Iptables).unwrap();
+    }
+}
+
+mod handoff {
+    use super::Backend;
+
+    #[test]
+    fn ebpf_the_agent_hands_pods_to_the_proxy_over_zds() {
+        crate::require_root();
+        crate::zds::the_agent_hands_pods_to_the_proxy_over_zds(Backend::Ebpf).unwrap();
+    }
+
+    #[test]
+    fn iptables_the_agent_hands_pods_to_the_proxy_over_zds() {
+        crate::require_root();
+        crate::zds::the_agent_hands_pods_to_the_proxy_over_zds(Backend::Iptables).unwrap();
     }
 }

@@ -1,0 +1,148 @@
+//! The proxy's side of the ZDS hand-off: connect to the agent's socket, say hello, then carry
+//! out each request and answer it with one ack. The socket calls are blocking, so they run on
+//! their own thread; each request is handed to the runtime, which owns the pods, and the ack
+//! waits for its answer.
+//!
+//! On disconnect the thread reconnects (bounded backoff) and the agent sends a new snapshot;
+//! the pods keep running meanwhile, and capture stays in place, so nothing is passed around the
+//! proxy while it is away from the agent.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sluice_capture::PodUid;
+use sluice_capture::netns::Netns;
+use sluice_zds::messages::workload_request::Payload;
+use sluice_zds::messages::{Version, WorkloadRequest, WorkloadResponse, ZdsHello};
+use sluice_zds::{Channel, ZdsError};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+/// What the runtime is asked to do; `reply` carries the ack's error, if any.
+pub enum Command {
+    /// Serve this pod (idempotent for a pod already served in the same netns).
+    Add {
+        uid: PodUid,
+        netns: Netns,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Stop serving this pod, closing its connections.
+    Del {
+        uid: PodUid,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// The snapshot is complete: stop every pod it did not name.
+    Snapshot {
+        keep: HashSet<PodUid>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// Starts the client thread. `connected` fires once per (re)connection, after the hello.
+pub fn spawn(
+    path: PathBuf,
+    commands: mpsc::Sender<Command>,
+    connected: mpsc::UnboundedSender<()>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match session(&path, &commands, &connected) {
+                Ok(()) => return, // the runtime is gone: the proxy is stopping
+                Err(e) => {
+                    warn!(socket = %path.display(), error = %e, "ZDS session ended; reconnecting")
+                }
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    })
+}
+
+/// One connection's worth of requests. `Ok` only when the runtime has shut down.
+fn session(
+    path: &Path,
+    commands: &mpsc::Sender<Command>,
+    connected: &mpsc::UnboundedSender<()>,
+) -> Result<(), ZdsError> {
+    let channel = Channel::connect(path)?;
+    channel.send(
+        &ZdsHello {
+            version: Version::V1 as i32,
+        },
+        None,
+    )?;
+    info!(socket = %path.display(), "connected to the agent");
+    let _ = connected.send(());
+    let mut snapshot: HashSet<PodUid> = HashSet::new();
+    loop {
+        let mut received = channel.recv()?;
+        let request: WorkloadRequest = match received.decode() {
+            Ok(request) => request,
+            Err(e) => {
+                channel.send(&WorkloadResponse::ack(Err(e.to_string())), None)?;
+                continue;
+            }
+        };
+        let (reply, answer) = oneshot::channel();
+        let command = match request.payload {
+            Some(Payload::Add(add)) => {
+                let uid = match PodUid::parse(&add.uid) {
+                    Ok(uid) => uid,
+                    Err(e) => {
+                        channel.send(&WorkloadResponse::ack(Err(e.to_string())), None)?;
+                        continue;
+                    }
+                };
+                if received.fds.len() != 1 {
+                    let why = format!(
+                        "add {uid}: expected exactly one netns fd, got {}",
+                        received.fds.len()
+                    );
+                    channel.send(&WorkloadResponse::ack(Err(why)), None)?;
+                    continue;
+                }
+                let fd = received.fds.remove(0);
+                snapshot.insert(uid.clone());
+                let netns = Netns::from_fd(fd, format!("zds:{uid}"));
+                Command::Add { uid, netns, reply }
+            }
+            Some(Payload::Keep(keep)) => {
+                match PodUid::parse(&keep.uid) {
+                    Ok(uid) => {
+                        snapshot.insert(uid);
+                        channel.send(&WorkloadResponse::ack(Ok(())), None)?;
+                    }
+                    Err(e) => channel.send(&WorkloadResponse::ack(Err(e.to_string())), None)?,
+                }
+                continue;
+            }
+            Some(Payload::Del(del)) => match PodUid::parse(&del.uid) {
+                Ok(uid) => {
+                    snapshot.remove(&uid);
+                    Command::Del { uid, reply }
+                }
+                Err(e) => {
+                    channel.send(&WorkloadResponse::ack(Err(e.to_string())), None)?;
+                    continue;
+                }
+            },
+            Some(Payload::SnapshotSent(_)) => Command::Snapshot {
+                keep: snapshot.clone(),
+                reply,
+            },
+            None => {
+                channel.send(&WorkloadResponse::ack(Err("empty request".into())), None)?;
+                continue;
+            }
+        };
+        if commands.blocking_send(command).is_err() {
+            return Ok(());
+        }
+        let result = answer
+            .blocking_recv()
+            .unwrap_or_else(|_| Err("the proxy is stopping".to_owned()));
+        channel.send(&WorkloadResponse::ack(result), None)?;
+    }
+}
