@@ -193,16 +193,24 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn capture(cmd: &mut Command) -> Result<String> {
+/// Runs `cmd` with its output captured; returns stdout, or fails with the command and stderr.
+pub fn capture(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("run {:?}", cmd.get_program()))?;
     if !out.status.success() {
         bail!(
-            "{:?} failed: {}",
+            "{:?} {:?} failed ({}): {}",
             cmd.get_program(),
+            cmd.get_args().collect::<Vec<_>>(),
+            out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// [`capture`] for commands whose output is not needed (shown only if they fail).
+pub fn run_quiet(cmd: &mut Command) -> Result<()> {
+    capture(cmd).map(drop)
 }

@@ -305,7 +305,7 @@ fn fetch_kernel(spec: &KernelSpec, dir: &Path) -> Result<Kernel> {
         let _ = fs::remove_dir_all(&tree);
         fs::create_dir_all(&tree)?;
         for deb in &debs {
-            run_quiet(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tree))?;
+            setup::run_quiet(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tree))?;
         }
         fs::write(&stamp, &wanted)?;
     }
@@ -358,19 +358,19 @@ fn keyring(keyring: &Keyring, dir: &Path) -> Result<PathBuf> {
             setup::apt_install(&["curl"], "fetching the kernel archive's keyring")?;
             let deb = dir.join("keyring.deb");
             fs::create_dir_all(dir)?;
-            run_quiet(
+            setup::run_quiet(
                 Command::new("curl")
                     .args(["-fsSL", "--max-time", "120", "-o"])
                     .arg(&deb)
                     .arg(url),
             )
             .with_context(|| format!("download {url}"))?;
-            let sum = capture(Command::new("sha256sum").arg(&deb))?;
+            let sum = setup::capture(Command::new("sha256sum").arg(&deb))?;
             if sum.split_whitespace().next() != Some(sha256) {
                 let _ = fs::remove_file(&deb);
                 bail!("{url} has SHA-256 {sum:.64}, expected {sha256}; refusing to trust it");
             }
-            run_quiet(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+            setup::run_quiet(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
             Ok(path)
         }
     }
@@ -418,7 +418,7 @@ impl AptState {
                     .is_ok_and(|age| age < Duration::from_secs(86_400))
             });
         if !fresh {
-            run_quiet(
+            setup::run_quiet(
                 Command::new("apt-get")
                     .args(&state.options)
                     .args(["-q", "update"]),
@@ -435,7 +435,7 @@ impl AptState {
         let mut found = Vec::new();
         let mut queue = vec![meta.to_owned()];
         while let Some(package) = queue.pop() {
-            let out = capture(
+            let out = setup::capture(
                 Command::new("apt-cache")
                     .args(&self.options)
                     .args(["depends", &package]),
@@ -464,7 +464,7 @@ impl AptState {
     }
 
     fn download(&self, package: &str, into: &Path) -> Result<()> {
-        run_quiet(
+        setup::run_quiet(
             Command::new("apt-get")
                 .args(&self.options)
                 .args(["-q", "download", package])
@@ -962,7 +962,7 @@ impl Cpio {
             std::process::id(),
             self.ino
         ));
-        run_quiet(
+        setup::run_quiet(
             Command::new("objcopy")
                 .arg("--strip-debug")
                 .arg(host)
@@ -978,36 +978,6 @@ impl Cpio {
         self.out.flush()?;
         Ok(())
     }
-}
-
-fn run_quiet(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("run {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!(
-            "{:?} {:?} failed ({}): {}",
-            cmd.get_program(),
-            cmd.get_args().collect::<Vec<_>>(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-fn capture(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("run {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!(
-            "{:?} failed: {}",
-            cmd.get_program(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

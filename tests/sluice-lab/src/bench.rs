@@ -80,17 +80,17 @@ struct MetricResult {
 }
 
 pub fn run(which: Which) -> Result<()> {
-    let (runs, seconds, rate_seconds) = match which {
+    let (hbone, runs, seconds, rate_seconds) = match which {
         Which::Capture {
             runs,
             seconds,
             rate_seconds,
-        } => (runs, seconds, rate_seconds),
+        } => (false, runs, seconds, rate_seconds),
         Which::Hbone {
             runs,
             seconds,
             rate_seconds,
-        } => return run_hbone(runs, seconds, rate_seconds),
+        } => (true, runs, seconds, rate_seconds),
     };
     if runs == 0
         || runs > 20
@@ -101,6 +101,9 @@ pub fn run(which: Which) -> Result<()> {
         bail!("--runs must be 1..=20, --seconds 1..=60, --rate-seconds 0.5..=60");
     }
     require_tool("iperf3")?;
+    if hbone {
+        return run_hbone(runs, seconds, rate_seconds);
+    }
     let mut gbps: Vec<Vec<f64>> = vec![Vec::new(); Mode::ALL.len()];
     let mut rate: Vec<Vec<f64>> = vec![Vec::new(); Mode::ALL.len()];
     for round in 0..runs {
@@ -256,17 +259,9 @@ const IDLE_CONNECTIONS: usize = 1000;
 /// a fresh cluster: iperf3 with 1 and 4 streams, 64-byte request/response latency (p50, p99),
 /// short connections per second, and (with the mesh) the client node's proxy RSS while 1,000
 /// idle tunnelled connections are open. Modes rotate per round; medians and ratios at the end;
-/// JSON in `target/bench/hbone.json`, in the capture benchmark's shape.
-pub fn run_hbone(runs: usize, seconds: u32, rate_seconds: f64) -> Result<()> {
-    if runs == 0
-        || runs > 20
-        || seconds == 0
-        || seconds > 60
-        || !(0.5..=60.0).contains(&rate_seconds)
-    {
-        bail!("--runs must be 1..=20, --seconds 1..=60, --rate-seconds 0.5..=60");
-    }
-    require_tool("iperf3")?;
+/// JSON in `target/bench/hbone.json`, in the capture benchmark's shape. Arguments are checked by
+/// [`run`].
+fn run_hbone(runs: usize, seconds: u32, rate_seconds: f64) -> Result<()> {
     // samples[mode][metric]
     let mut samples = vec![vec![Vec::new(); HBONE_METRICS.len()]; HBONE_MODES.len()];
     for round in 0..runs {
@@ -369,21 +364,8 @@ pub fn run_hbone(runs: usize, seconds: u32, rate_seconds: f64) -> Result<()> {
 
 /// One sample of every HBONE metric, in [`HBONE_METRICS`] order, in a fresh cluster.
 fn measure_hbone(mode: &str, seconds: u32, rate_seconds: f64) -> Result<[Option<f64>; 6]> {
-    use crate::cluster::{Cluster, PodSpec};
-    let pods = [
-        PodSpec {
-            name: "client",
-            node: 0,
-            host: 2,
-            meshed: true,
-        },
-        PodSpec {
-            name: "server",
-            node: 1,
-            host: 2,
-            meshed: true,
-        },
-    ];
+    use crate::cluster::{CLIENT_AND_SERVER, Cluster};
+    let pods = CLIENT_AND_SERVER;
     let cluster = match mode {
         "direct" => Cluster::unmeshed(&pods)?,
         "iptables" => Cluster::new(Backend::Iptables, &pods, &[])?,

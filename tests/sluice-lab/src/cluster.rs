@@ -27,7 +27,7 @@ use sluice_capture::netns::Netns;
 use sluice_capture::{Backend, PodCapture, PodUid, Redirector};
 
 use crate::app::{Placement, sibling_binary};
-use crate::lab::{CgroupGuard, NetnsGuard, PinRootGuard, unique_id};
+use crate::lab::{CgroupGuard, NetnsGuard, PinRootGuard, run, unique_id};
 use crate::proxy::ProxyProcess;
 
 /// A pod to create.
@@ -41,6 +41,23 @@ pub struct PodSpec {
     /// An HBONE workload in the mesh file (false: listed as `protocol: TCP`, not enrolled).
     pub meshed: bool,
 }
+
+/// A meshed client pod on node 0 and a meshed server pod on node 1: the benchmark's pair, and
+/// the smallest cluster that crosses the link between nodes.
+pub const CLIENT_AND_SERVER: [PodSpec; 2] = [
+    PodSpec {
+        name: "client",
+        node: 0,
+        host: 2,
+        meshed: true,
+    },
+    PodSpec {
+        name: "server",
+        node: 1,
+        host: 2,
+        meshed: true,
+    },
+];
 
 /// A service in the mesh file: `vip:port` load-balanced over `endpoints`' `target_port`.
 #[derive(Clone, Copy, Debug)]
@@ -368,17 +385,6 @@ impl Cluster {
         self.proxy_cgroups.push(proxy_cgroup);
         Ok(())
     }
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// A directory under the temp dir, removed on drop.

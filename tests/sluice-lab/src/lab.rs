@@ -23,7 +23,8 @@ pub fn unique_id() -> String {
     )
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+/// Runs a command and fails with its stderr if it fails.
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
     if !out.status.success() {
         bail!(

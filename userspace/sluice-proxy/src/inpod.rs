@@ -421,19 +421,12 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
     };
     let result = copy::bidirectional(ctx.copy, &mut client, &mut upstream).await;
     let duration_ms = started.elapsed().as_millis() as u64;
+    stats.count_copy(&result);
     match result {
         Ok((sent, received)) => {
-            Stats::incr(&stats.completed);
-            stats
-                .bytes_out
-                .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
-            stats
-                .bytes_in
-                .fetch_add(received, std::sync::atomic::Ordering::Relaxed);
             info!(target: "access", dst = %dst, bytes_sent = sent, bytes_received = received, duration_ms, "connection closed");
         }
         Err(e) => {
-            Stats::incr(&stats.copy_failed);
             info!(target: "access", dst = %dst, duration_ms, error = %e, "connection failed");
         }
     }
@@ -501,19 +494,12 @@ async fn serve_outbound_mesh(
         let identity = ctx.pod_mesh.as_ref().map(|p| p.identity.to_string());
         let peer_identity = peer_identity.map(ToString::to_string);
         let service = plan.service.as_deref();
+        stats.count_copy(&copied);
         match copied {
             Ok((sent, received)) => {
-                Stats::incr(&stats.completed);
-                stats
-                    .bytes_out
-                    .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
-                stats
-                    .bytes_in
-                    .fetch_add(received, std::sync::atomic::Ordering::Relaxed);
                 info!(target: "access", dst = %dst, upstream = %target, service, identity, peer_identity, hbone = peer_identity.is_some(), bytes_sent = sent, bytes_received = received, duration_ms, "connection closed");
             }
             Err(e) => {
-                Stats::incr(&stats.copy_failed);
                 info!(target: "access", dst = %dst, upstream = %target, service, identity, peer_identity, duration_ms, error = %e, "connection failed");
             }
         }

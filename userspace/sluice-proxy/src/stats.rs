@@ -25,6 +25,18 @@ impl Stats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts how a proxied connection's copy ended: completed with its bytes, or failed.
+    pub fn count_copy(&self, result: &std::io::Result<(u64, u64)>) {
+        match result {
+            Ok((sent, received)) => {
+                Self::incr(&self.completed);
+                self.bytes_out.fetch_add(*sent, Ordering::Relaxed);
+                self.bytes_in.fetch_add(*received, Ordering::Relaxed);
+            }
+            Err(_) => Self::incr(&self.copy_failed),
+        }
+    }
+
     pub fn snapshot(&self) -> [(&'static str, u64); 10] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [

@@ -388,6 +388,24 @@ async fn clients_without_a_valid_mesh_certificate_or_tls13_are_refused() {
     );
 }
 
+/// An HTTP/2 connection to `server` with a valid certificate for `sleep`, for hand-made requests.
+async fn h2_as_sleep(ca: &Ca, server: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let issued = ca.issue(&id("sleep"), Duration::from_secs(600)).unwrap();
+    let tls = raw_client(
+        server,
+        &[&rustls::version::TLS13],
+        Some((issued.chain, issued.key)),
+    )
+    .await
+    .unwrap();
+    let (send, conn) = hbone::client_builder()
+        .handshake::<_, Bytes>(tls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
 /// Sends one hand-made request over an authenticated connection; returns the status, or None
 /// if the stream was reset instead.
 async fn request_status(
@@ -407,19 +425,7 @@ async fn malformed_oversized_and_foreign_connects_are_refused_and_counted() {
     let ca = Ca::load(&dir.0).unwrap();
     let app = echo_app().await;
     let (server, stats) = hbone_server(&store, &id("productpage")).await;
-    let issued = ca.issue(&id("sleep"), Duration::from_secs(600)).unwrap();
-    let tls = raw_client(
-        server,
-        &[&rustls::version::TLS13],
-        Some((issued.chain, issued.key)),
-    )
-    .await
-    .unwrap();
-    let (send, conn) = hbone::client_builder()
-        .handshake::<_, Bytes>(tls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let send = h2_as_sleep(&ca, server).await;
 
     let get = http::Request::get(format!("http://{app}/"))
         .body(())
@@ -604,19 +610,7 @@ async fn draining_sends_goaway_lets_open_tunnels_finish_and_refuses_new_streams(
     let ca = Ca::load(&dir.0).unwrap();
     let app = echo_app().await;
     let (server, stats, drain) = draining_server(&store, &id("productpage")).await;
-    let issued = ca.issue(&id("sleep"), Duration::from_secs(600)).unwrap();
-    let tls = raw_client(
-        server,
-        &[&rustls::version::TLS13],
-        Some((issued.chain, issued.key)),
-    )
-    .await
-    .unwrap();
-    let (send, conn) = hbone::client_builder()
-        .handshake::<_, Bytes>(tls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let send = h2_as_sleep(&ca, server).await;
     let open = hbone::open_stream(send.clone(), app, client_addr())
         .await
         .unwrap();

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use anyhow::{Result, ensure};
 use sluice_capture::Backend;
 use sluice_lab::app::{self, Outcome};
-use sluice_lab::cluster::{Cluster, PodSpec, ServiceSpec};
+use sluice_lab::cluster::{CLIENT_AND_SERVER, Cluster, PodSpec, ServiceSpec};
 
 const MIB: u64 = 1024 * 1024;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -158,20 +158,7 @@ pub fn captured_clients_reach_meshed_pods_through_hbone(backend: Backend) -> Res
 pub fn a_terminated_proxy_drains_then_exits(backend: Backend) -> Result<()> {
     let mut cluster = Cluster::with_proxy_args(
         backend,
-        &[
-            PodSpec {
-                name: "client",
-                node: 0,
-                host: 2,
-                meshed: true,
-            },
-            PodSpec {
-                name: "server",
-                node: 1,
-                host: 2,
-                meshed: true,
-            },
-        ],
+        &CLIENT_AND_SERVER,
         &[],
         &["--drain-timeout", "30s"],
     )?;
