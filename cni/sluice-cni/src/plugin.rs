@@ -141,7 +141,11 @@ fn status(conf: &NetConf) -> Result<(), CniError> {
     match ask(conf, &request) {
         Ok(Reply::Failed { code, msg, details }) => Err(CniError { code, msg, details }),
         Ok(_) => Ok(()),
-        Err(e) => Err(CniError::new(ErrorCode::PluginNotAvailable, e.msg, e.details)),
+        Err(e) => Err(CniError::new(
+            ErrorCode::PluginNotAvailable,
+            e.msg,
+            e.details,
+        )),
     }
 }
 

@@ -133,7 +133,9 @@ impl Invocation {
             ifname = get("CNI_IFNAME")
                 .filter(|s| !s.is_empty())
                 .ok_or_else(|| missing("CNI_IFNAME"))?;
-            netns = get("CNI_NETNS").filter(|s| !s.is_empty()).map(PathBuf::from);
+            netns = get("CNI_NETNS")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from);
             if netns.is_none() && verb != Verb::Del {
                 return Err(missing("CNI_NETNS"));
             }
@@ -264,7 +266,10 @@ impl NetConf {
             ));
         }
         if raw.plugin_type.as_deref().is_none_or(str::is_empty) {
-            return Err(invalid("\"type\" is missing".into(), "set \"type\": \"sluice-cni\""));
+            return Err(invalid(
+                "\"type\" is missing".into(),
+                "set \"type\": \"sluice-cni\"",
+            ));
         }
         if !(1..=300).contains(&conf.timeout_seconds) {
             return Err(invalid(
@@ -272,13 +277,11 @@ impl NetConf {
                 "use 1 to 300 seconds",
             ));
         }
-        if let Some(prev) = &conf.prev_result {
-            if !prev.is_object() {
-                return Err(invalid(
-                    "prevResult is not an object".into(),
-                    "a chained plugin's prevResult is the previous plugin's result object",
-                ));
-            }
+        if conf.prev_result.as_ref().is_some_and(|p| !p.is_object()) {
+            return Err(invalid(
+                "prevResult is not an object".into(),
+                "a chained plugin's prevResult is the previous plugin's result object",
+            ));
         }
         Ok(conf)
     }

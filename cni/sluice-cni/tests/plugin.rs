@@ -1,6 +1,8 @@
 //! The real `sluice-cni` binary run as a container runtime runs it, against a socket that plays
 //! the agent's part with canned answers (the real agent is exercised by the end-to-end tests).
 
+#![allow(clippy::unwrap_used)] // helpers of tests: a panic is the failure report
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -35,7 +37,9 @@ fn fake_agent(socket: &Path, replies: Vec<Option<Reply>>) -> mpsc::Receiver<Requ
     std::thread::spawn(move || {
         let mut held = Vec::new();
         for reply in replies {
-            let Ok((stream, _)) = listener.accept() else { return };
+            let Ok((stream, _)) = listener.accept() else {
+                return;
+            };
             let mut line = String::new();
             BufReader::new(&stream).read_line(&mut line).unwrap();
             let _ = tx.send(serde_json::from_str(&line).unwrap());
@@ -88,7 +92,12 @@ fn plugin(command: &str, args: &str, stdin: &str) -> (bool, Value) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
     let value = if stdout.trim().is_empty() {
@@ -121,11 +130,17 @@ fn add_waits_for_the_agent_and_passes_the_previous_result_through() {
     assert_eq!(out, sent["prevResult"]);
     let request = requests.recv_timeout(Duration::from_secs(5)).unwrap();
     assert_eq!(request.pod.unwrap().uid.as_deref(), Some("uid-1"));
-    assert_eq!(request.ips, ["10.1.0.7".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(
+        request.ips,
+        ["10.1.0.7".parse::<std::net::IpAddr>().unwrap()]
+    );
     assert_eq!(request.netns.as_deref(), Some("/var/run/netns/cni-1"));
 
     let (ok, out) = plugin("ADD", POD, &stdin);
-    assert!(ok && out == sent["prevResult"], "a skipped pod starts: {out}");
+    assert!(
+        ok && out == sent["prevResult"],
+        "a skipped pod starts: {out}"
+    );
 }
 
 #[test]
@@ -154,14 +169,24 @@ fn add_with_the_agent_unreachable_or_silent_fails_closed_with_try_again_later() 
     let (ok, out) = plugin("ADD", POD, &conf(&socket, json!({})));
     assert!(!ok);
     assert_eq!(out["code"], 11, "{out}");
-    assert!(out["msg"].as_str().unwrap().contains("cannot reach the sluice agent"));
+    assert!(
+        out["msg"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach the sluice agent")
+    );
 
     let _requests = fake_agent(&socket, vec![None]);
     let started = std::time::Instant::now();
     let (ok, out) = plugin("ADD", POD, &conf(&socket, json!({"timeoutSeconds": 1})));
     assert!(!ok);
     assert_eq!(out["code"], 11, "{out}");
-    assert!(out["msg"].as_str().unwrap().contains("did not answer within 1 s"));
+    assert!(
+        out["msg"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer within 1 s")
+    );
     assert!(started.elapsed() < Duration::from_secs(4));
 }
 
@@ -172,7 +197,11 @@ fn pods_outside_kubernetes_or_in_excluded_namespaces_pass_without_the_agent() {
     let stdin = conf(&socket, json!({}));
     let (ok, out) = plugin("ADD", "IgnoreUnknown=1", &stdin);
     assert!(ok && out["ips"][0]["address"] == "10.1.0.7/24", "{out}");
-    let (ok, _) = plugin("ADD", "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns", &stdin);
+    let (ok, _) = plugin(
+        "ADD",
+        "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns",
+        &stdin,
+    );
     assert!(ok);
 }
 
@@ -200,7 +229,12 @@ fn del_succeeds_when_the_agent_is_down_and_version_lists_the_versions() {
     let (ok, out) = plugin("VERSION", "", r#"{"cniVersion":"0.4.0"}"#);
     assert!(ok);
     assert_eq!(out["cniVersion"], "0.4.0");
-    assert!(out["supportedVersions"].as_array().unwrap().contains(&json!("1.0.0")));
+    assert!(
+        out["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("1.0.0"))
+    );
     let (ok, out) = plugin("CHECK", POD, &conf(&socket, json!({"cniVersion": "0.3.1"})));
     assert!(!ok && out["code"] == 1, "{out}");
 }

@@ -99,6 +99,41 @@ impl Channel {
         Ok(Channel { fd })
     }
 
+    /// The process id of the peer when it connected (`SO_PEERCRED`): the agent finds the proxy's
+    /// cgroup from it.
+    pub fn peer_pid(&self) -> io::Result<u32> {
+        // SAFETY: ucred is plain data; all zeroes is a valid value.
+        let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: a ucred buffer of the size given, on our own socket.
+        let ret = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                std::ptr::from_mut(&mut cred).cast(),
+                &mut len,
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(cred.pid as u32)
+    }
+
+    /// Whether the peer has hung up, without blocking. Used between requests, when nothing is
+    /// expected from the peer, to notice a proxy that went away.
+    pub fn peer_gone(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let ret = unsafe { libc::poll(&mut pfd, 1, 0) };
+        ret < 0 || pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
+    }
+
     /// Bounds every later `recv` (and `send`) by `timeout`; `None` waits forever. A timed-out
     /// call fails with `WouldBlock`.
     pub fn set_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
@@ -362,6 +397,13 @@ mod tests {
             )
             .unwrap();
         assert_eq!(proxy.recv().unwrap().bytes, [0x1a, 0x00]);
+        assert_eq!(agent.peer_pid().unwrap(), std::process::id());
+        assert!(!agent.peer_gone(), "the proxy is still connected");
+        drop(proxy);
+        assert!(
+            agent.peer_gone(),
+            "a hung-up proxy is noticed without a request"
+        );
         drop(listener);
         assert!(!path.exists(), "the socket file goes with the listener");
     }

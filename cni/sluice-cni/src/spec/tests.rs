@@ -25,16 +25,26 @@ const ADD_ENV: &[(&str, &str)] = &[
 fn environment_of_a_kubelet_add_is_read_with_the_pod() {
     let inv = Invocation::from_env(env(ADD_ENV)).unwrap();
     assert_eq!(inv.verb, Verb::Add);
-    assert_eq!(inv.netns.as_deref(), Some(std::path::Path::new("/var/run/netns/cni-1")));
+    assert_eq!(
+        inv.netns.as_deref(),
+        Some(std::path::Path::new("/var/run/netns/cni-1"))
+    );
     let pod = inv.pod().unwrap();
-    assert_eq!((pod.namespace.as_str(), pod.name.as_str()), ("shop", "cart-7d9"));
+    assert_eq!(
+        (pod.namespace.as_str(), pod.name.as_str()),
+        ("shop", "cart-7d9")
+    );
     assert_eq!(pod.uid.as_deref(), Some("0b9b1c52"));
 }
 
 #[test]
 fn environment_errors_name_the_variable_with_code_4() {
     let without = |name: &str| {
-        let pairs: Vec<_> = ADD_ENV.iter().copied().filter(|(k, _)| *k != name).collect();
+        let pairs: Vec<_> = ADD_ENV
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != name)
+            .collect();
         Invocation::from_env(env(&pairs)).unwrap_err()
     };
     for name in ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_IFNAME", "CNI_NETNS"] {
@@ -47,7 +57,12 @@ fn environment_errors_name_the_variable_with_code_4() {
     assert_eq!(Invocation::from_env(env(&bad)).unwrap_err().code, 4);
     bad[1] = ("CNI_CONTAINERID", "ok");
     bad[0] = ("CNI_COMMAND", "UPGRADE");
-    assert!(Invocation::from_env(env(&bad)).unwrap_err().msg.contains("UPGRADE"));
+    assert!(
+        Invocation::from_env(env(&bad))
+            .unwrap_err()
+            .msg
+            .contains("UPGRADE")
+    );
     bad[0] = ("CNI_COMMAND", "ADD");
     bad[4] = ("CNI_ARGS", "K8S_POD_NAME");
     assert_eq!(Invocation::from_env(env(&bad)).unwrap_err().code, 4);
@@ -75,9 +90,24 @@ fn configuration_is_checked_with_the_specs_codes() {
     assert!(e.details.contains("1.0.0"), "{e}");
     let e = conf(r#"{"cniVersion":"9.9.9","name":"k8s","type":"sluice-cni"}"#).unwrap_err();
     assert_eq!(e.code, 1);
-    assert_eq!(conf(r#"{"name":"k8s","type":"sluice-cni"}"#).unwrap_err().code, 7);
-    assert_eq!(conf(r#"{"cniVersion":"1.0.0","type":"sluice-cni"}"#).unwrap_err().code, 7);
-    assert_eq!(conf(r#"{"cniVersion":"1.0.0","name":"k8s"}"#).unwrap_err().code, 7);
+    assert_eq!(
+        conf(r#"{"name":"k8s","type":"sluice-cni"}"#)
+            .unwrap_err()
+            .code,
+        7
+    );
+    assert_eq!(
+        conf(r#"{"cniVersion":"1.0.0","type":"sluice-cni"}"#)
+            .unwrap_err()
+            .code,
+        7
+    );
+    assert_eq!(
+        conf(r#"{"cniVersion":"1.0.0","name":"k8s"}"#)
+            .unwrap_err()
+            .code,
+        7
+    );
     let e = conf(r#"{"cniVersion":"1.0.0","name":"k","type":"s","timeoutSeconds":0}"#);
     assert_eq!(e.unwrap_err().code, 7);
     let e = conf(r#"{"cniVersion":"1.0.0","name":"k","type":"s","prevResult":[1]}"#);
@@ -97,10 +127,17 @@ fn prev_result_passes_through_unchanged_and_yields_the_pod_ips() {
     let raw: Value = serde_json::from_str(stdin).unwrap();
     assert_eq!(conf.result(), raw["prevResult"]);
     let ips = conf.prev_ips().unwrap();
-    assert_eq!(ips, ["10.1.0.7".parse::<IpAddr>().unwrap(), "fd00::7".parse().unwrap()]);
+    assert_eq!(
+        ips,
+        [
+            "10.1.0.7".parse::<IpAddr>().unwrap(),
+            "fd00::7".parse().unwrap()
+        ]
+    );
     assert_eq!(conf.agent_socket, PathBuf::from(DEFAULT_AGENT_SOCKET));
 
-    let bad = r#"{"cniVersion":"1.0.0","name":"k","type":"s","prevResult":{"ips":[{"address":"x/1"}]}}"#;
+    let bad =
+        r#"{"cniVersion":"1.0.0","name":"k","type":"s","prevResult":{"ips":[{"address":"x/1"}]}}"#;
     let conf = NetConf::parse(bad.as_bytes(), true).unwrap();
     assert_eq!(conf.prev_ips().unwrap_err().code, 7);
 }

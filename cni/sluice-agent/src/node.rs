@@ -1,0 +1,665 @@
+//! The agent's state and its one event loop: what the source wants meshed, what is captured,
+//! and what the proxy has been told. Every pod mutation happens on this one thread, in event
+//! order, so there are no locks around capture state.
+//!
+//! Invariants:
+//! - A pod is in `pods` exactly when its capture is in place (and its record written). It is
+//!   handed to the proxy only after that, so the proxy never serves an uncaptured pod, and a
+//!   captured pod without a proxy refuses traffic (fail closed).
+//! - The agent holds each captured pod's netns open, so the netns it tells the proxy about is
+//!   the one it captured, even if the runtime has already unmounted it.
+//! - Every proxy (re)connection gets the whole set of captured pods, then `snapshot_sent`.
+//! - The node's own network namespace is never captured.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use sluice_capture::ebpf::EbpfCapture;
+use sluice_capture::iptables::IptablesCapture;
+use sluice_capture::netns::Netns;
+use sluice_capture::{Backend, PodCapture, PodUid, Redirector};
+use sluice_cni::agent_api::{Reply, Request};
+use sluice_zds::Channel;
+use tracing::{debug, error, info, warn};
+
+use crate::find;
+use crate::handoff::Proxy;
+use crate::health::Health;
+use crate::record::{PodRecord, Records};
+use crate::selection::{PodInfo, Selector, World};
+
+mod cni;
+
+/// How often the loop looks at the proxy, retries and waiters when no event comes.
+const TICK: Duration = Duration::from_millis(250);
+/// Retry delays for a pod that failed: doubling from the first, capped at the last.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+pub enum Event {
+    /// The source's whole view of namespaces and this node's pods.
+    World(World),
+    /// A CNI plugin request; the reply goes back on the sender.
+    Cni(Request, Sender<Reply>),
+    /// A proxy connected to the hand-off socket.
+    Proxy(Channel),
+    Stop,
+}
+
+impl From<World> for Event {
+    fn from(world: World) -> Self {
+        Event::World(world)
+    }
+}
+
+pub struct Config {
+    pub selector: Selector,
+    /// Where pod cgroups are looked for (the cgroup v2 mount).
+    pub cgroup_root: PathBuf,
+    /// The proxy's cgroup for `SO_ORIGINAL_DST` (eBPF); found from the proxy's pid when unset.
+    pub proxy_cgroup: Option<PathBuf>,
+    /// How long a CNI ADD waits for the proxy to take the pod.
+    pub cni_wait: Duration,
+}
+
+/// The capture backend, with the eBPF one's node-level extra (the proxy's cgroup program).
+pub enum Capture {
+    Ebpf(EbpfCapture),
+    Iptables(IptablesCapture),
+}
+
+impl Capture {
+    fn redirector(&mut self) -> &mut dyn Redirector {
+        match self {
+            Capture::Ebpf(c) => c,
+            Capture::Iptables(c) => c,
+        }
+    }
+
+    fn backend(&self) -> Backend {
+        match self {
+            Capture::Ebpf(_) => Backend::Ebpf,
+            Capture::Iptables(_) => Backend::Iptables,
+        }
+    }
+}
+
+/// A pod whose capture is in place.
+struct Captured {
+    uid: PodUid,
+    info: PodInfo,
+    netns: Netns,
+    record: PodRecord,
+    /// The connected proxy serves it.
+    acked: bool,
+}
+
+struct Failure {
+    error: String,
+    attempts: u32,
+    next: Instant,
+}
+
+/// A CNI ADD waiting for the proxy to take its pod.
+struct Waiter {
+    uid: String,
+    reply: Sender<Reply>,
+    deadline: Instant,
+}
+
+pub struct Node {
+    cfg: Config,
+    capture: Capture,
+    records: Records,
+    health: Arc<Health>,
+    host_netns: Vec<u64>,
+    world: Option<World>,
+    pods: BTreeMap<String, Captured>,
+    failures: BTreeMap<String, Failure>,
+    /// Sandboxes released by CNI DEL (uid → netns inode): never captured again, even while
+    /// their processes linger before the runtime kills them.
+    deleted: HashMap<String, u64>,
+    proxy: Option<Proxy>,
+    proxy_cgroup_attached: Option<PathBuf>,
+    waiters: Vec<Waiter>,
+    /// CNI requests that came before the first world.
+    deferred: Vec<(Request, Sender<Reply>)>,
+}
+
+impl Node {
+    pub fn new(cfg: Config, capture: Capture, records: Records, health: Arc<Health>) -> Self {
+        Self {
+            cfg,
+            capture,
+            records,
+            health,
+            host_netns: find::host_netns_inodes(),
+            world: None,
+            pods: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            deleted: HashMap::new(),
+            proxy: None,
+            proxy_cgroup_attached: None,
+            waiters: Vec::new(),
+            deferred: Vec::new(),
+        }
+    }
+
+    /// Runs until `Stop` or until every sender is gone. Capture stays in place when it returns:
+    /// a restarting agent must not open a window where pods' traffic bypasses the mesh.
+    pub fn run(mut self, events: Receiver<Event>) {
+        if let (Capture::Ebpf(capture), Some(cgroup)) = (&mut self.capture, &self.cfg.proxy_cgroup)
+        {
+            match capture.attach_proxy(cgroup) {
+                Ok(()) => self.proxy_cgroup_attached = Some(cgroup.clone()),
+                Err(e) => error!(error = %e, "cannot attach to the proxy cgroup"),
+            }
+        }
+        loop {
+            self.health.beat();
+            match events.recv_timeout(TICK) {
+                Ok(Event::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(event) => self.handle(event),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            self.housekeeping();
+        }
+        info!(
+            pods = self.pods.len(),
+            "agent stopping; capture stays in place"
+        );
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter
+                .reply
+                .send(try_again("the agent is stopping", "retry the sandbox"));
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::World(world) => {
+                let first = self.world.is_none();
+                self.world = Some(world);
+                if first {
+                    self.adopt();
+                }
+                self.reconcile();
+                for (request, reply) in std::mem::take(&mut self.deferred) {
+                    self.cni(request, reply);
+                }
+            }
+            Event::Cni(request, reply) if self.world.is_none() => {
+                self.deferred.push((request, reply));
+            }
+            Event::Cni(request, reply) => self.cni(request, reply),
+            Event::Proxy(channel) => self.proxy_connected(channel),
+            Event::Stop => {}
+        }
+    }
+
+    /// Brings capture in line with the world: releases pods no longer selected, captures
+    /// selected pods that run here and are not captured yet.
+    fn reconcile(&mut self) {
+        let Some(world) = &self.world else { return };
+        let desired: BTreeMap<String, PodInfo> = self
+            .cfg
+            .selector
+            .desired(world)
+            .into_iter()
+            .map(|(uid, pod)| (uid.to_owned(), pod.clone()))
+            .collect();
+        // Tombstones and failures only matter while the world still has the pod.
+        self.deleted.retain(|uid, _| desired.contains_key(uid));
+        self.failures.retain(|uid, _| desired.contains_key(uid));
+
+        let unwanted: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|uid| !desired.contains_key(*uid))
+            .cloned()
+            .collect();
+        for uid in unwanted {
+            self.release(&uid, "no longer selected");
+        }
+
+        let now = Instant::now();
+        let missing: Vec<&PodInfo> = desired
+            .values()
+            .filter(|pod| !self.pods.contains_key(&pod.uid))
+            .filter(|pod| self.failures.get(&pod.uid).is_none_or(|f| f.next <= now))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let cgroups = match find::pod_cgroups(&self.cfg.cgroup_root) {
+            Ok(cgroups) => cgroups,
+            Err(e) => {
+                error!(root = %self.cfg.cgroup_root.display(), error = %e, "cannot walk the cgroup tree");
+                return;
+            }
+        };
+        let missing: Vec<PodInfo> = missing.into_iter().cloned().collect();
+        for pod in missing {
+            if let Err(e) = self.capture_running(&pod, &cgroups) {
+                self.fail(&pod, e);
+            }
+        }
+    }
+
+    /// Captures a pod that is already running (found through its cgroup). A pod that is not
+    /// running here yet is not an error: the CNI plugin brings it when its sandbox starts.
+    fn capture_running(
+        &mut self,
+        pod: &PodInfo,
+        cgroups: &HashMap<String, PathBuf>,
+    ) -> Result<(), String> {
+        let Some(cgroup) = cgroups.get(&pod.uid) else {
+            debug!(pod = %pod.uid, "selected pod has no cgroup on this node (yet)");
+            return Ok(());
+        };
+        let found = find::netns_of_cgroup(cgroup)
+            .map_err(|e| format!("read processes of {}: {e}", cgroup.display()))?;
+        let Some((netns, label)) = found else {
+            debug!(pod = %pod.uid, "selected pod has no process yet");
+            return Ok(());
+        };
+        let ino = netns
+            .inode()
+            .map_err(|e| format!("stat {}: {e}", label.display()))?;
+        if self.deleted.get(&pod.uid) == Some(&ino) {
+            return Ok(()); // released by CNI DEL; its processes are on their way out
+        }
+        self.capture_pod(pod, netns, label, Some(cgroup.clone()), Vec::new())
+    }
+
+    /// Puts `pod`'s traffic through the proxy (idempotent for the same netns), then hands the pod
+    /// to the proxy if one is connected.
+    fn capture_pod(
+        &mut self,
+        pod: &PodInfo,
+        netns: Netns,
+        label: PathBuf,
+        cgroup: Option<PathBuf>,
+        addrs: Vec<std::net::IpAddr>,
+    ) -> Result<(), String> {
+        let uid = PodUid::parse(&pod.uid).map_err(|e| e.to_string())?;
+        let ino = netns
+            .inode()
+            .map_err(|e| format!("stat netns {}: {e}", label.display()))?;
+        if self.host_netns.contains(&ino) {
+            return Err(format!(
+                "netns {} is the node's own network namespace; refusing to capture it \
+                 (is the pod hostNetwork?)",
+                label.display()
+            ));
+        }
+        if self.capture.backend() == Backend::Ebpf && cgroup.is_none() {
+            return Err(format!(
+                "no cgroup named after pod uid {} under {}; eBPF outbound capture attaches to \
+                 the pod's cgroup (check --cgroup-root and the kubelet cgroup driver)",
+                pod.uid,
+                self.cfg.cgroup_root.display()
+            ));
+        }
+        if let Some(existing) = self.pods.get(&pod.uid) {
+            if existing.record.netns_ino == ino {
+                return Ok(());
+            }
+            // Same pod, new sandbox: the old one's capture goes first.
+            self.release(&pod.uid.clone(), "its sandbox was replaced");
+        }
+        let spec = PodCapture {
+            cgroup: cgroup.clone(),
+            addrs,
+            ..PodCapture::new(uid, fd_path(&netns))
+        };
+        self.capture
+            .redirector()
+            .enroll(&spec)
+            .map_err(|e| format!("capture: {e}"))?;
+        let record = PodRecord {
+            uid: pod.uid.clone(),
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            netns: label,
+            netns_ino: ino,
+            cgroup,
+        };
+        if let Err(e) = self.records.save(&record) {
+            // Capture works; only a restarted agent would have to capture the pod again.
+            warn!(pod = %pod.uid, error = %e, "cannot write the pod record");
+        }
+        info!(pod = %pod.uid, name = %pod.name, namespace = %pod.namespace,
+              netns = %record.netns.display(), backend = %self.capture.backend(), "pod captured");
+        self.failures.remove(&pod.uid);
+        self.pods.insert(
+            pod.uid.clone(),
+            Captured {
+                uid: spec.uid,
+                info: pod.clone(),
+                netns,
+                record,
+                acked: false,
+            },
+        );
+        self.hand_over(&pod.uid);
+        Ok(())
+    }
+
+    /// Tells the connected proxy about a captured pod.
+    fn hand_over(&mut self, uid: &str) {
+        let (Some(proxy), Some(pod)) = (&self.proxy, self.pods.get_mut(uid)) else {
+            return;
+        };
+        match proxy.add(&pod.info, pod.netns.as_fd()) {
+            Ok(()) => {
+                pod.acked = true;
+                debug!(pod = uid, "proxy took the pod");
+                self.answer_waiters(uid, || Reply::Enrolled);
+            }
+            Err(e) => {
+                let info = pod.info.clone();
+                if e.connection_lost() {
+                    self.proxy_lost(&e);
+                }
+                self.fail(&info, format!("hand-off: {e}"));
+            }
+        }
+    }
+
+    /// Takes a pod out: the proxy stops serving it, then its capture is removed.
+    fn release(&mut self, uid: &str, why: &str) {
+        let Some(pod) = self.pods.remove(uid) else {
+            return;
+        };
+        if let Some(proxy) = &self.proxy
+            && let Err(e) = proxy.del(uid)
+        {
+            warn!(pod = uid, error = %e, "proxy did not take the removal");
+            if e.connection_lost() {
+                self.proxy_lost(&e);
+            }
+        }
+        let spec = PodCapture {
+            cgroup: pod.record.cgroup.clone(),
+            ..PodCapture::new(pod.uid.clone(), fd_path(&pod.netns))
+        };
+        if let Err(e) = self.capture.redirector().remove(&spec) {
+            error!(pod = uid, error = %e, "cannot remove the pod's capture");
+        }
+        if let Err(e) = self.records.remove(uid) {
+            warn!(pod = uid, error = %e, "cannot remove the pod record");
+        }
+        info!(pod = uid, name = %pod.info.name, namespace = %pod.info.namespace, why, "pod released");
+        self.answer_waiters(uid, || {
+            try_again("the pod was released while waiting", "retry the sandbox")
+        });
+    }
+
+    fn fail(&mut self, pod: &PodInfo, error: String) {
+        let attempts = self.failures.get(&pod.uid).map_or(0, |f| f.attempts) + 1;
+        let delay = RETRY_FIRST
+            .saturating_mul(1 << attempts.min(8).saturating_sub(1))
+            .min(RETRY_MAX);
+        warn!(pod = %pod.uid, name = %pod.name, namespace = %pod.namespace, attempts,
+              retry_in_ms = delay.as_millis() as u64, error = %error, "pod not meshed");
+        self.failures.insert(
+            pod.uid.clone(),
+            Failure {
+                error,
+                attempts,
+                next: Instant::now() + delay,
+            },
+        );
+    }
+
+    /// A proxy said hello: attach its cgroup program (eBPF), then send the whole snapshot.
+    fn proxy_connected(&mut self, channel: Channel) {
+        let proxy = match Proxy::accept(channel) {
+            Ok(proxy) => proxy,
+            Err(e) => {
+                warn!(error = %e, "refused a proxy connection");
+                return;
+            }
+        };
+        info!(
+            pid = proxy.pid,
+            pods = self.pods.len(),
+            "proxy connected; sending the snapshot"
+        );
+        self.attach_proxy_cgroup(proxy.pid);
+        self.proxy = Some(proxy);
+        let uids: Vec<String> = self.pods.keys().cloned().collect();
+        for pod in self.pods.values_mut() {
+            pod.acked = false;
+        }
+        for uid in uids {
+            self.hand_over(&uid);
+            if self.proxy.is_none() {
+                return;
+            }
+        }
+        if let Some(proxy) = &self.proxy
+            && let Err(e) = proxy.snapshot_sent()
+        {
+            warn!(error = %e, "snapshot_sent was not acked");
+            if e.connection_lost() {
+                self.proxy_lost(&e);
+            }
+        }
+    }
+
+    fn attach_proxy_cgroup(&mut self, pid: u32) {
+        let Capture::Ebpf(capture) = &mut self.capture else {
+            return;
+        };
+        if self.cfg.proxy_cgroup.is_some() {
+            return; // fixed by flag, attached at start
+        }
+        let cgroup = match find::cgroup_of_pid(pid) {
+            Ok(cgroup) => cgroup,
+            Err(e) => {
+                error!(pid, error = %e, "cannot find the proxy's cgroup; outbound capture will fail closed");
+                return;
+            }
+        };
+        if self.proxy_cgroup_attached.as_ref() == Some(&cgroup) {
+            return;
+        }
+        match capture.attach_proxy(&cgroup) {
+            Ok(()) => self.proxy_cgroup_attached = Some(cgroup),
+            Err(e) => error!(pid, error = %e, "cannot attach to the proxy's cgroup"),
+        }
+    }
+
+    fn proxy_lost(&mut self, why: &dyn std::fmt::Display) {
+        if self.proxy.take().is_some() {
+            warn!(error = %why, "proxy connection lost; capture stays (traffic is refused until it is back)");
+        }
+        for pod in self.pods.values_mut() {
+            pod.acked = false;
+        }
+    }
+
+    fn answer_waiters(&mut self, uid: &str, reply: impl Fn() -> Reply) {
+        self.waiters.retain(|w| {
+            if w.uid == uid {
+                let _ = w.reply.send(reply());
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn housekeeping(&mut self) {
+        if self.proxy.as_ref().is_some_and(Proxy::gone) {
+            self.proxy_lost(&"the proxy hung up");
+        }
+        let now = Instant::now();
+        if self.failures.values().any(|f| f.next <= now) {
+            // Pods captured but refused by the proxy are retried by handing them over again.
+            let refused: Vec<String> = self
+                .failures
+                .iter()
+                .filter(|(uid, f)| f.next <= now && self.pods.contains_key(*uid))
+                .map(|(uid, _)| uid.clone())
+                .collect();
+            for uid in refused {
+                self.failures.remove(&uid);
+                self.hand_over(&uid);
+            }
+            self.reconcile();
+        }
+        let cni_wait = self.cfg.cni_wait;
+        self.waiters.retain(|w| {
+            if w.deadline > now {
+                return true;
+            }
+            let _ = w.reply.send(try_again(
+                &format!(
+                    "the proxy did not take pod {} within {} s",
+                    w.uid,
+                    cni_wait.as_secs()
+                ),
+                "pod capture is in place; is sluice-proxy running and connected to the agent's \
+                 hand-off socket? See both logs",
+            ));
+            false
+        });
+        self.health.set_pods(self.readiness());
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        if self.world.is_none() {
+            return Err("waiting for the first list of pods".into());
+        }
+        if self.proxy.is_none() {
+            return Err("no proxy connected to the hand-off socket".into());
+        }
+        if let Some((uid, f)) = self.failures.iter().next() {
+            return Err(format!(
+                "pod {uid} failed {} time(s): {}",
+                f.attempts, f.error
+            ));
+        }
+        if let Some(uid) = self.pods.iter().find(|(_, p)| !p.acked).map(|(u, _)| u) {
+            return Err(format!("the proxy has not taken pod {uid} yet"));
+        }
+        Ok(())
+    }
+
+    /// After a restart: take over the pods an earlier agent captured, without touching the
+    /// capture of those still selected and running in the same netns.
+    fn adopt(&mut self) {
+        let mut records = match self.records.load() {
+            Ok(records) => records,
+            Err(e) => {
+                error!(error = %e, "cannot read pod records");
+                Vec::new()
+            }
+        };
+        if let Capture::Ebpf(capture) = &self.capture {
+            // A pod captured just before a crash may have pins but no record yet.
+            for pinned in capture.pods().unwrap_or_default() {
+                if !records.iter().any(|r| r.uid == pinned.uid) {
+                    records.push(PodRecord {
+                        uid: pinned.uid.clone(),
+                        namespace: String::new(),
+                        name: String::new(),
+                        netns: PathBuf::new(),
+                        netns_ino: pinned.netns_ino,
+                        cgroup: None,
+                    });
+                }
+            }
+        }
+        if records.is_empty() {
+            return;
+        }
+        let cgroups = find::pod_cgroups(&self.cfg.cgroup_root).unwrap_or_default();
+        let Some(world) = &self.world else { return };
+        let desired = self.cfg.selector.desired(world);
+        let mut adopted = Vec::new();
+        let mut stale = Vec::new();
+        for record in records {
+            let netns = reopen(&record, &cgroups);
+            match (netns, desired.get(record.uid.as_str())) {
+                (Some(netns), Some(info)) => {
+                    let Ok(uid) = PodUid::parse(&record.uid) else {
+                        continue;
+                    };
+                    let mut record = record;
+                    if record.cgroup.is_none() {
+                        record.cgroup = cgroups.get(&record.uid).cloned();
+                    }
+                    adopted.push(Captured {
+                        uid,
+                        info: (*info).clone(),
+                        netns,
+                        record,
+                        acked: false,
+                    });
+                }
+                (netns, _) => stale.push((record, netns)),
+            }
+        }
+        for pod in adopted {
+            info!(pod = %pod.record.uid, netns = %pod.record.netns.display(), "adopted a captured pod");
+            self.pods.insert(pod.record.uid.clone(), pod);
+        }
+        for (record, netns) in stale {
+            self.release_stale(&record, netns);
+        }
+    }
+
+    /// Removes the capture of a pod from before a restart that is gone or no longer selected.
+    fn release_stale(&mut self, record: &PodRecord, netns: Option<Netns>) {
+        if let Ok(uid) = PodUid::parse(&record.uid) {
+            // With its netns gone, the iptables rules went with it; eBPF state goes by uid.
+            let path = netns.as_ref().map_or_else(|| record.netns.clone(), fd_path);
+            let spec = PodCapture {
+                cgroup: record.cgroup.clone(),
+                ..PodCapture::new(uid, path)
+            };
+            if let Err(e) = self.capture.redirector().remove(&spec) {
+                error!(pod = %record.uid, error = %e, "cannot remove a stale pod's capture");
+                return;
+            }
+        }
+        let _ = self.records.remove(&record.uid);
+        info!(pod = %record.uid, "released a pod captured before the restart that is gone or no longer selected");
+    }
+}
+
+/// Re-opens a recorded pod's netns: its recorded path if it still names the same namespace,
+/// else through a process in the pod's cgroup.
+fn reopen(record: &PodRecord, cgroups: &HashMap<String, PathBuf>) -> Option<Netns> {
+    let same = |netns: &Netns| netns.inode().ok() == Some(record.netns_ino);
+    if !record.netns.as_os_str().is_empty()
+        && let Ok(netns) = Netns::open(&record.netns)
+        && same(&netns)
+    {
+        return Some(netns);
+    }
+    let cgroup = cgroups.get(&record.uid)?;
+    let (netns, _) = find::netns_of_cgroup(cgroup).ok()??;
+    same(&netns).then_some(netns)
+}
+
+/// A path that opens the namespace the agent holds, whatever happened to the original path.
+fn fd_path(netns: &Netns) -> PathBuf {
+    Path::new("/proc/self/fd").join(netns.as_fd().as_raw_fd().to_string())
+}
+
+fn try_again(msg: &str, details: &str) -> Reply {
+    Reply::Failed {
+        code: sluice_cni::spec::ErrorCode::TryAgainLater as u32,
+        msg: msg.to_owned(),
+        details: details.to_owned(),
+    }
+}
