@@ -10,7 +10,15 @@ use anyhow::{Context, Result, bail};
 
 /// Debian packages the build and the tests need. llvm-22-dev: bpf-linker links against the LLVM
 /// whose major version matches nightly rustc's (22 for the 1.97 nightly on these machines).
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iperf3", "iptables", "iproute2"];
+/// containernetworking-plugins: the reference CNI plugins (bridge, host-local) the agent's tests
+/// and the demo chain sluice-cni after, as a node's primary CNI.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "iperf3",
+    "iptables",
+    "iproute2",
+    "containernetworking-plugins",
+];
 const LLVM_MAJOR: &str = "22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";

@@ -100,6 +100,9 @@ const GUEST_TOOLS: &[&str] = &[
     "/usr/sbin/ip6tables-save",
     "/usr/sbin/iptables-restore",
     "/usr/sbin/ip6tables-restore",
+    // The reference CNI plugins the agent tests chain sluice-cni after.
+    "/usr/lib/cni/bridge",
+    "/usr/lib/cni/host-local",
 ];
 /// iptables loads its match and target extensions with dlopen from here.
 const XTABLES_DIR: &str = "/usr/lib/x86_64-linux-gnu/xtables";
@@ -248,10 +251,17 @@ fn build_test_binaries(root: &Path) -> Result<TestBinaries> {
         })
         .context("cargo did not report the e2e test executable")?;
     let dir = root.join("target/debug");
-    let bins = ["sluice-lab", "sluice-proxy", "sluice-load"]
-        .iter()
-        .map(|b| dir.join(b))
-        .collect();
+    // sluice-load stays third: the guest's init runs it by index.
+    let bins = [
+        "sluice-lab",
+        "sluice-proxy",
+        "sluice-load",
+        "sluice-cni-agent",
+        "sluice-cni",
+    ]
+    .iter()
+    .map(|b| dir.join(b))
+    .collect();
     Ok(TestBinaries { bins, e2e })
 }
 

@@ -312,6 +312,10 @@ impl Node {
             // Same pod, new sandbox: the old one's capture goes first.
             self.release(&pod.uid.clone(), "its sandbox was replaced");
         }
+        // Not ready from the moment capture starts until the proxy serves the pod: a probe
+        // must never see "ready" while a captured pod is not served yet.
+        self.health
+            .set_pods(Err(format!("capturing pod {} for the proxy", pod.uid)));
         let spec = PodCapture {
             cgroup: cgroup.clone(),
             addrs,

@@ -367,6 +367,81 @@ pub fn hold(to: SocketAddr, count: usize) -> Result<()> {
     Ok(())
 }
 
+/// One connection kept open across a test's steps, run by `sluice-lab app session`: prints
+/// `open` once connected, then answers each stdin line (a byte count) with one echo round trip
+/// and a line `ok` or `error: …`.
+pub fn session(to: SocketAddr) -> Result<()> {
+    let stream = TcpStream::connect_timeout(&to, WAIT)?;
+    stream.set_read_timeout(Some(WAIT))?;
+    stream.set_write_timeout(Some(WAIT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut greeting = String::new();
+    reader
+        .read_line(&mut greeting)
+        .context("read the greeting")?;
+    println!("open");
+    std::io::stdout().flush()?;
+    let mut writer = stream;
+    for line in std::io::stdin().lines() {
+        let bytes: u64 = line?.trim().parse().unwrap_or(1024);
+        let data: Vec<u8> = (0..bytes).map(pattern).collect();
+        let round_trip = writer.write_all(&data).and_then(|()| {
+            let mut back = vec![0u8; data.len()];
+            reader.read_exact(&mut back)?;
+            if back == data {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("the echo came back corrupted"))
+            }
+        });
+        match round_trip {
+            Ok(()) => println!("ok"),
+            Err(e) => println!("error: {e}"),
+        }
+        std::io::stdout().flush()?;
+    }
+    Ok(())
+}
+
+/// A running `app session`: one connection the test drives step by step.
+pub struct Session {
+    guard: ProcessGuard,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Session {
+    /// Connects from `place` to `to`; returns once the server's greeting arrived.
+    pub fn open(place: &Placement, to: SocketAddr) -> Result<Self> {
+        let mut cmd = command_in(&binary()?, place)?;
+        cmd.args(["app", "session", "--to", &to.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut guard = ProcessGuard {
+            child: cmd.spawn().context("start the session client")?,
+            name: "app session".into(),
+        };
+        let mut stdout = BufReader::new(guard.child.stdout.take().context("session stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        if line.trim() != "open" {
+            bail!("the session to {to} did not open: {line:?}");
+        }
+        Ok(Self { guard, stdout })
+    }
+
+    /// One echo round trip of `bytes` on the same connection.
+    pub fn round_trip(&mut self, bytes: u64) -> Result<()> {
+        let stdin = self.guard.child.stdin.as_mut().context("session stdin")?;
+        writeln!(stdin, "{bytes}")?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        if line.trim() != "ok" {
+            bail!("round trip of {bytes} bytes on the open connection: {line:?}");
+        }
+        Ok(())
+    }
+}
+
 /// Raises this process's open-file limit to its hard limit: a workload holding a thousand
 /// connections needs more than the usual 1024.
 pub fn raise_nofile() {

@@ -27,7 +27,7 @@ use sluice_capture::netns::Netns;
 use sluice_capture::{Backend, PodCapture, PodUid, Redirector};
 
 use crate::app::{Placement, sibling_binary};
-use crate::lab::{CgroupGuard, NetnsGuard, PinRootGuard, run, unique_id};
+use crate::lab::{CgroupGuard, DirGuard, NetnsGuard, PinRootGuard, run, unique_id};
 use crate::proxy::ProxyProcess;
 
 /// A pod to create.
@@ -388,22 +388,6 @@ impl Cluster {
 }
 
 /// A directory under the temp dir, removed on drop.
-struct DirGuard(PathBuf);
-
-impl DirGuard {
-    fn new(name: &str) -> Result<Self> {
-        let path = std::env::temp_dir().join(name);
-        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for DirGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Every frame on one interface, read with an `AF_PACKET` socket (no tcpdump needed), kept in
 /// memory (bounded) until the capture is dropped.
 pub struct LinkCapture {

@@ -127,6 +127,24 @@ fn remove_cgroup_tree(path: &std::path::Path) -> std::io::Result<()> {
     std::fs::remove_dir(path)
 }
 
+/// A temporary directory, removed with its contents on drop.
+#[derive(Debug)]
+pub struct DirGuard(pub PathBuf);
+
+impl DirGuard {
+    pub fn new(name: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A bpffs pin root used by one lab; everything under it is detached and removed on drop.
 #[derive(Debug)]
 pub struct PinRootGuard {

@@ -2,9 +2,11 @@
 //! veths, real cgroups, the real proxy binary and real capture, all created with unique names and
 //! removed by guards when they drop, even when a test fails.
 
+pub mod agent;
 pub mod app;
 pub mod bench;
 pub mod cluster;
+pub mod daemon;
 pub mod demo;
 pub mod lab;
 pub mod proxy;

@@ -1,5 +1,5 @@
 //! `sluice-lab`: runs the demo and the benchmarks on a lab, and is the workload binary inside
-//! the lab's pods (`app serve|connect|connrate|rr|hold`).
+//! the lab's pods (`app serve|connect|connrate|rr|hold|session`).
 
 use std::net::SocketAddr;
 
@@ -59,6 +59,11 @@ enum App {
         #[arg(long, default_value_t = 64)]
         size: usize,
     },
+    /// One connection; an echo round trip per stdin line.
+    Session {
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// Opens connections and holds them until stdin closes.
     Hold {
         #[arg(long)]
@@ -85,6 +90,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::App(App::Hold { to, count }) => sluice_lab::app::hold(to, count),
+        Cmd::App(App::Session { to }) => sluice_lab::app::session(to),
         Cmd::App(App::Connrate { to, seconds, max }) => {
             println!("{}", sluice_lab::app::connrate(to, seconds, max));
             Ok(())

@@ -286,6 +286,7 @@ fn handle(command: zds::Command, pods: &mut HashMap<PodUid, PodProxy>, env: PodE
         }
         zds::Command::Del { uid, reply } => {
             if let Some(pod) = pods.remove(&uid) {
+                info!(pod = %uid, "removed by the agent");
                 pod.stop(sockets.as_mut());
             }
             let _ = reply.send(Ok(()));

@@ -395,7 +395,15 @@ services:
 
     #[tokio::test]
     async fn a_changed_file_is_reloaded_and_a_broken_one_keeps_the_last_good_mesh() {
-        let path = std::env::temp_dir().join(format!("sluice-mesh-{}.yaml", std::process::id()));
+        struct Removed(std::path::PathBuf);
+        impl Drop for Removed {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let file =
+            Removed(std::env::temp_dir().join(format!("sluice-mesh-{}.yaml", std::process::id())));
+        let path = file.0.clone();
         let one = "workloads:\n  - {uid: a, name: a, namespace: d, serviceAccount: a, ips: [10.0.0.1], protocol: HBONE}\n";
         let two = format!(
             "{one}  - {{uid: b, name: b, namespace: d, serviceAccount: b, ips: [10.0.0.2], protocol: TCP}}\n"
@@ -426,6 +434,5 @@ services:
         );
         std::fs::write(&path, one).unwrap();
         assert!(wait_for(1).await, "a fixed file is picked up again");
-        std::fs::remove_file(&path).unwrap();
     }
 }

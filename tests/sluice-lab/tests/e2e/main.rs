@@ -4,6 +4,7 @@
 //! Every scenario runs once per capture backend: the `ebpf` and `iptables` modules below are
 //! generated from the same list, so the two backends are held to the same behaviour.
 
+mod agent;
 mod bpf;
 mod capture;
 mod cleanup;
@@ -90,4 +91,27 @@ mod handoff {
         crate::require_root();
         crate::zds::the_agent_hands_pods_to_the_proxy_over_zds(Backend::Iptables).unwrap();
     }
+}
+
+/// The node agent with the CNI chain, the pods file and restarts (one node each).
+mod node_agent {
+    use super::Backend;
+
+    macro_rules! both {
+        ($($scenario:ident),* $(,)?) => {
+            mod ebpf {
+                $(#[test] fn $scenario() { crate::require_root(); crate::agent::$scenario(super::Backend::Ebpf).unwrap(); })*
+            }
+            mod iptables {
+                $(#[test] fn $scenario() { crate::require_root(); crate::agent::$scenario(super::Backend::Iptables).unwrap(); })*
+            }
+        };
+    }
+
+    both!(
+        a_pod_started_through_the_cni_chain_runs_only_once_captured_and_served,
+        labelling_a_namespace_meshes_its_running_pods_and_unlabelling_releases_them,
+        an_agent_restart_adopts_its_pods_without_disturbing_live_traffic,
+        a_proxy_restart_keeps_capture_fails_closed_then_resumes,
+    );
 }

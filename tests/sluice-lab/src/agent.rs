@@ -1,0 +1,605 @@
+//! A node run the way a cluster runs it: the real `sluice-cni-agent` (standalone mode, its pods
+//! file written by the test), the real `sluice-proxy` connected to it over ZDS, and pods started
+//! the way a container runtime starts them, through the CNI chain of the node's primary conflist
+//! (`bridge` + `host-local` from Debian's containernetworking-plugins, then `sluice-cni`, which
+//! the agent inserted itself).
+//!
+//! The lab plays kubelet and the runtime: it lays out pod cgroups as kubelet does for the chosen
+//! cgroup driver, creates the sandbox netns, runs the plugins with the CNI environment, then
+//! starts the sandbox's "pause" process. Everything is removed on drop.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use sluice_capture::Backend;
+use sluice_capture::ebpf;
+
+use crate::WAIT;
+use crate::app::{Placement, ProcessGuard, command_in, sibling_binary};
+use crate::daemon::Daemon;
+use crate::lab::{CgroupGuard, DirGuard, NetnsGuard, PinRootGuard, unique_id};
+use crate::proxy::ProxyProcess;
+
+/// Where Debian's containernetworking-plugins puts the reference plugins.
+pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+/// The node's pod subnet (each lab has its own node netns, so labs can share it).
+const POD_SUBNET: &str = "10.97.0.0/24";
+
+/// How kubelet names pod cgroups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupDriver {
+    Cgroupfs,
+    Systemd,
+}
+
+/// A CNI error as the runtime saw it.
+#[derive(Clone, Debug)]
+pub struct CniFailure {
+    pub plugin: String,
+    pub code: u64,
+    pub msg: String,
+    pub details: String,
+}
+
+impl std::fmt::Display for CniFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} failed with code {}: {}: {}",
+            self.plugin, self.code, self.msg, self.details
+        )
+    }
+}
+
+/// A pod sandbox started through the CNI chain.
+pub struct SandboxPod {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub ip: Ipv4Addr,
+    container_id: String,
+    /// The chain's ADD result, handed back on CHECK and DEL as runtimes do.
+    result: Value,
+    pause: Option<ProcessGuard>,
+    /// The app container's cgroup (below the pod's).
+    pub app_cgroup: PathBuf,
+    pub pod_cgroup: PathBuf,
+    pub ns: NetnsGuard,
+}
+
+impl SandboxPod {
+    /// A process in the pod's app container.
+    pub fn place(&self) -> Placement {
+        Placement {
+            netns: self.ns.path(),
+            cgroup: Some(self.app_cgroup.clone()),
+        }
+    }
+
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip, port))
+    }
+}
+
+/// Field order is drop order: daemons, pods, capture pins, cgroups, the node, files.
+pub struct AgentLab {
+    pub agent: Option<Daemon>,
+    pub proxy: Option<ProxyProcess>,
+    pub pods: Vec<SandboxPod>,
+    // Held for its drop: the eBPF pins go after the pods, before the cgroups.
+    _pins: Option<PinRootGuard>,
+    proxy_cgroup: CgroupGuard,
+    kubepods: CgroupGuard,
+    pub node: NetnsGuard,
+    dir: DirGuard,
+    pub id: String,
+    pub backend: Backend,
+    pub driver: CgroupDriver,
+    /// The pods file's content: namespaces (with labels) and pods.
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    listed: Vec<Value>,
+    health: Option<SocketAddr>,
+}
+
+impl AgentLab {
+    /// A node with its primary CNI config (bridge + host-local) and an empty pods file; neither
+    /// agent nor proxy is running yet.
+    pub fn new(backend: Backend, driver: CgroupDriver) -> Result<Self> {
+        for plugin in ["bridge", "host-local"] {
+            let path = Path::new(REFERENCE_PLUGINS).join(plugin);
+            if !path.exists() {
+                bail!(
+                    "{} is missing: install Debian's containernetworking-plugins (cargo xtask test does)",
+                    path.display()
+                );
+            }
+        }
+        let id = unique_id();
+        let dir = DirGuard::new(&format!("sluice-agent-{id}"))?;
+        for sub in ["net.d", "bin", "state", "ipam"] {
+            std::fs::create_dir_all(dir.0.join(sub))?;
+        }
+        let primary = json!({
+            "cniVersion": "1.0.0",
+            "name": "lab-pods",
+            "plugins": [{
+                "type": "bridge",
+                "bridge": "cni0",
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": POD_SUBNET}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": dir.0.join("ipam"),
+                }
+            }]
+        });
+        std::fs::write(dir.0.join("net.d/10-lab.conflist"), primary.to_string())?;
+        let node = NetnsGuard::new(format!("sluice-{id}-node"))?;
+        let kubepods = CgroupGuard::new(&match driver {
+            CgroupDriver::Cgroupfs => format!("sluice-{id}-kubepods"),
+            CgroupDriver::Systemd => format!("sluice-{id}-kubepods.slice"),
+        })?;
+        let proxy_cgroup = CgroupGuard::new(&format!("sluice-{id}-proxy"))?;
+        let pins = (backend == Backend::Ebpf).then(|| PinRootGuard {
+            path: PathBuf::from(format!("/sys/fs/bpf/sluice-lab-{id}")),
+        });
+        let lab = Self {
+            agent: None,
+            proxy: None,
+            pods: Vec::new(),
+            _pins: pins,
+            proxy_cgroup,
+            kubepods,
+            node,
+            dir,
+            id,
+            backend,
+            driver,
+            namespaces: BTreeMap::new(),
+            listed: Vec::new(),
+            health: None,
+        };
+        lab.write_pods_file()?;
+        Ok(lab)
+    }
+
+    pub fn pin_root(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/sluice-lab-{}", self.id))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.0.join(name)
+    }
+
+    pub fn conf_dir(&self) -> PathBuf {
+        self.path("net.d")
+    }
+
+    /// Starts the agent and waits for its "started" line.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let mut cmd = Command::new(sibling_binary("sluice-cni-agent")?);
+        cmd.arg("--pods-file")
+            .arg(self.path("pods.yaml"))
+            .args(["--backend", &self.backend.to_string()])
+            .arg("--pin-root")
+            .arg(self.pin_root())
+            .arg("--zds-socket")
+            .arg(self.path("zds.sock"))
+            .arg("--cni-socket")
+            .arg(self.path("cni.sock"))
+            .arg("--state-dir")
+            .arg(self.path("state"))
+            .arg("--cni-bin-dir")
+            .arg(self.path("bin"))
+            .arg("--cni-conf-dir")
+            .arg(self.conf_dir())
+            .args(["--health-addr", "127.0.0.1:0", "--cni-wait", "8"])
+            .env(
+                "RUST_LOG",
+                std::env::var("SLUICE_LAB_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        let agent = Daemon::spawn(
+            cmd,
+            "sluice-cni-agent",
+            "sluice-cni-agent started",
+            "SLUICE_LAB_ECHO_AGENT",
+        )?;
+        let health = agent
+            .ready_line
+            .split_once("health=")
+            .and_then(|(_, a)| a.parse().ok())
+            .with_context(|| format!("no health address in {:?}", agent.ready_line))?;
+        self.health = Some(health);
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// Starts the proxy, connected to the agent's hand-off socket.
+    pub fn start_proxy(&mut self) -> Result<()> {
+        let socket = self.path("zds.sock");
+        let socket = socket.to_str().context("socket path")?;
+        let proxy = ProxyProcess::spawn(
+            &[],
+            &self.proxy_cgroup.path,
+            &self.pin_root(),
+            &["--zds-socket", socket],
+        )?;
+        self.proxy = Some(proxy);
+        Ok(())
+    }
+
+    pub fn agent(&self) -> Result<&Daemon> {
+        self.agent.as_ref().context("the agent is not running")
+    }
+
+    pub fn proxy(&self) -> Result<&ProxyProcess> {
+        self.proxy.as_ref().context("the proxy is not running")
+    }
+
+    /// Sets a namespace's labels in the pods file (`ambient`: istio.io/dataplane-mode=ambient).
+    pub fn set_namespace(&mut self, name: &str, ambient: bool) -> Result<()> {
+        let mut labels = BTreeMap::new();
+        if ambient {
+            labels.insert("istio.io/dataplane-mode".to_owned(), "ambient".to_owned());
+        }
+        self.namespaces.insert(name.to_owned(), labels);
+        self.apply_pods_file()
+    }
+
+    /// Lists a pod in the pods file (as the API server would know it before it starts).
+    pub fn list_pod(&mut self, name: &str, namespace: &str) -> Result<String> {
+        let uid = self.uid(name);
+        self.listed.push(
+            json!({"uid": uid, "name": name, "namespace": namespace, "serviceAccount": name}),
+        );
+        self.apply_pods_file()?;
+        Ok(uid)
+    }
+
+    /// Removes a pod from the pods file (as deleting it from the API server would).
+    pub fn unlist_pod(&mut self, name: &str) -> Result<()> {
+        self.listed.retain(|p| p["name"] != name);
+        self.apply_pods_file()
+    }
+
+    fn uid(&self, name: &str) -> String {
+        format!("{}-{name}", self.id)
+    }
+
+    fn write_pods_file(&self) -> Result<()> {
+        let namespaces: Vec<Value> = self
+            .namespaces
+            .iter()
+            .map(|(name, labels)| json!({"name": name, "labels": labels}))
+            .collect();
+        // JSON is YAML: the agent reads it like any pods file.
+        let file = json!({"namespaces": namespaces, "pods": self.listed});
+        let tmp = self.path("pods.yaml.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&file)?)?;
+        std::fs::rename(&tmp, self.path("pods.yaml"))?;
+        Ok(())
+    }
+
+    /// Writes the pods file and, with the agent running, waits until it has read it.
+    fn apply_pods_file(&self) -> Result<()> {
+        let seen = self
+            .agent
+            .as_ref()
+            .map(|a| a.count_log(&["pods file changed"]));
+        self.write_pods_file()?;
+        if let (Some(agent), Some(seen)) = (&self.agent, seen) {
+            agent.wait_for_log_lines(&["pods file changed"], seen + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a pod sandbox as kubelet and the runtime do: pod cgroup, netns, the CNI chain's
+    /// ADD, then the pause process. `Ok(Err(_))` is a CNI failure (the sandbox did not start).
+    pub fn start_pod(&mut self, name: &str, namespace: &str) -> Result<Result<usize, CniFailure>> {
+        let uid = self.uid(name);
+        let container_id = format!("{}{name}", self.id);
+        let (pod_cgroup, sandbox_cgroup, app_cgroup) = self.pod_cgroups(&uid, &container_id)?;
+        for dir in [&sandbox_cgroup, &app_cgroup] {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("create cgroup {}", dir.display()))?;
+        }
+        let ns = NetnsGuard::new(format!("sluice-{}-{name}", self.id))?;
+        let mut pod = SandboxPod {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            uid,
+            ip: Ipv4Addr::UNSPECIFIED,
+            container_id,
+            result: Value::Null,
+            pause: None,
+            app_cgroup,
+            pod_cgroup,
+            ns,
+        };
+        let result = match self.chain("ADD", &pod)? {
+            Ok(result) => result,
+            Err(failure) => {
+                // As containerd does: a sandbox whose network setup failed is torn down (DEL)
+                // before the runtime reports the failure and kubelet retries.
+                if let Err(e) = self.chain("DEL", &pod)? {
+                    bail!("DEL after a failed ADD ({failure}) failed too: {e}");
+                }
+                return Ok(Err(failure));
+            }
+        };
+        let address = result["ips"][0]["address"]
+            .as_str()
+            .with_context(|| format!("no address in the chain's result {result}"))?;
+        pod.ip = address.split('/').next().unwrap_or_default().parse()?;
+        pod.result = result;
+        let place = Placement {
+            netns: pod.ns.path(),
+            cgroup: Some(sandbox_cgroup),
+        };
+        let child = command_in(Path::new("/bin/sleep"), &place)?
+            .arg("3600")
+            .stdin(Stdio::null())
+            .spawn()
+            .context("start the pause process")?;
+        pod.pause = Some(ProcessGuard {
+            child,
+            name: format!("pause of {name}"),
+        });
+        self.pods.push(pod);
+        Ok(Ok(self.pods.len() - 1))
+    }
+
+    /// CHECK through the chain, as a runtime does to verify a running sandbox.
+    pub fn check_pod(&self, name: &str) -> Result<Result<(), CniFailure>> {
+        let pod = self.pod(name)?;
+        Ok(self.chain("CHECK", pod)?.map(|_| ()))
+    }
+
+    /// Stops a sandbox: CNI DEL through the chain (in reverse), then the pause process.
+    pub fn stop_pod(&mut self, name: &str) -> Result<Result<(), CniFailure>> {
+        let pod = self.pod(name)?;
+        let outcome = self.chain("DEL", pod)?.map(|_| ());
+        if let Some(i) = self.pods.iter().position(|p| p.name == name) {
+            self.pods.remove(i);
+        }
+        Ok(outcome)
+    }
+
+    pub fn pod(&self, name: &str) -> Result<&SandboxPod> {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no pod {name}"))
+    }
+
+    /// Pod-level, sandbox and app cgroups as kubelet and containerd lay them out.
+    fn pod_cgroups(&self, uid: &str, container_id: &str) -> Result<(PathBuf, PathBuf, PathBuf)> {
+        let root = &self.kubepods.path;
+        Ok(match self.driver {
+            CgroupDriver::Cgroupfs => {
+                let pod = root.join("besteffort").join(format!("pod{uid}"));
+                (
+                    pod.clone(),
+                    pod.join(container_id),
+                    pod.join(format!("{container_id}app")),
+                )
+            }
+            CgroupDriver::Systemd => {
+                let pod = root.join("kubepods-besteffort.slice").join(format!(
+                    "kubepods-besteffort-pod{}.slice",
+                    uid.replace('-', "_")
+                ));
+                (
+                    pod.clone(),
+                    pod.join(format!("cri-containerd-{container_id}.scope")),
+                    pod.join(format!("cri-containerd-{container_id}app.scope")),
+                )
+            }
+        })
+    }
+
+    /// Runs the primary conflist's plugins for `command` as libcni does: each plugin gets the
+    /// list's name and version and the previous result; DEL runs in reverse with the ADD result.
+    fn chain(&self, command: &str, pod: &SandboxPod) -> Result<Result<Value, CniFailure>> {
+        let list = self.primary_conflist()?;
+        let mut plugins: Vec<Value> = list["plugins"].as_array().context("plugins")?.clone();
+        if command == "DEL" {
+            plugins.reverse();
+        }
+        let mut prev = (command != "ADD").then(|| pod.result.clone());
+        for plugin in plugins {
+            let kind = plugin["type"].as_str().context("plugin type")?.to_owned();
+            let mut conf = plugin.clone();
+            conf["cniVersion"] = list["cniVersion"].clone();
+            conf["name"] = list["name"].clone();
+            if let Some(prev) = &prev {
+                conf["prevResult"] = prev.clone();
+            }
+            let out = self.exec_plugin(&kind, command, pod, &conf)?;
+            match out {
+                Ok(result) if command == "ADD" => prev = Some(result),
+                Ok(_) => {}
+                Err(failure) => return Ok(Err(failure)),
+            }
+        }
+        Ok(Ok(prev.unwrap_or(Value::Null)))
+    }
+
+    fn primary_conflist(&self) -> Result<Value> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.conf_dir())?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "conflist"))
+            .collect();
+        files.sort();
+        let first = files.first().context("no conflist in the CNI config dir")?;
+        Ok(serde_json::from_str(&std::fs::read_to_string(first)?)?)
+    }
+
+    /// One plugin run: found on CNI_PATH, run in the node's netns, config on stdin.
+    fn exec_plugin(
+        &self,
+        kind: &str,
+        command: &str,
+        pod: &SandboxPod,
+        conf: &Value,
+    ) -> Result<Result<Value, CniFailure>> {
+        let cni_path = [self.path("bin"), PathBuf::from(REFERENCE_PLUGINS)];
+        let binary = cni_path
+            .iter()
+            .map(|d| d.join(kind))
+            .find(|p| p.exists())
+            .with_context(|| format!("plugin {kind} not found on {cni_path:?}"))?;
+        let place = Placement {
+            netns: self.node.path(),
+            cgroup: None,
+        };
+        let joined = std::env::join_paths(&cni_path)?;
+        let mut child = command_in(&binary, &place)?
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &pod.container_id)
+            .env("CNI_NETNS", pod.ns.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", joined)
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
+                    pod.namespace, pod.name, pod.container_id, pod.uid
+                ),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("run plugin {kind}"))?;
+        child
+            .stdin
+            .take()
+            .context("plugin stdin")?
+            .write_all(conf.to_string().as_bytes())?;
+        let out = wait_bounded(child, Duration::from_secs(40), kind)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() {
+            if stdout.trim().is_empty() {
+                return Ok(Ok(Value::Null));
+            }
+            return Ok(Ok(serde_json::from_str(&stdout)
+                .with_context(|| format!("{kind} printed {stdout:?}"))?));
+        }
+        let error: Value = serde_json::from_str(&stdout).with_context(|| {
+            format!(
+                "{kind} failed without a CNI error object; stdout {stdout:?}, stderr {:?}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        Ok(Err(CniFailure {
+            plugin: kind.to_owned(),
+            code: error["code"].as_u64().unwrap_or(0),
+            msg: error["msg"].as_str().unwrap_or_default().to_owned(),
+            details: error["details"].as_str().unwrap_or_default().to_owned(),
+        }))
+    }
+
+    /// Whether the pod's traffic is captured right now, read from the kernel (pins or rules).
+    pub fn captured(&self, name: &str) -> Result<bool> {
+        let pod = self.pod(name)?;
+        match self.backend {
+            Backend::Ebpf => Ok(ebpf::list_pods(&self.pin_root())?
+                .iter()
+                .any(|p| p.uid == pod.uid)),
+            Backend::Iptables => Ok(pod
+                .ns
+                .output(&["iptables-save", "-t", "nat"])?
+                .contains("ISTIO_OUTPUT")),
+        }
+    }
+
+    /// Waits (bounded) until the pod's capture is `wanted`.
+    pub fn wait_captured(&self, name: &str, wanted: bool) -> Result<()> {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if self.captured(name)? == wanted {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "pod {name} captured={} after {WAIT:?}, wanted {wanted}; agent log:\n{}",
+            !wanted,
+            self.agent
+                .as_ref()
+                .map(|a| a.log().join("\n"))
+                .unwrap_or_default()
+        )
+    }
+
+    /// `GET /readyz` on the agent: (status code, body).
+    pub fn readyz(&self) -> Result<(u16, String)> {
+        let addr = self.health.context("the agent has not started")?;
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(b"GET /readyz HTTP/1.1\r\nhost: agent\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("not an HTTP response: {response:?}"))?;
+        let body = response
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        Ok((status, body))
+    }
+
+    /// Waits (bounded) for `/readyz` to answer `status`.
+    pub fn wait_ready(&self, status: u16) -> Result<String> {
+        self.wait_readyz(status, "")
+    }
+
+    /// Waits (bounded) for `/readyz` to answer `status` with a body containing `reason`.
+    pub fn wait_readyz(&self, status: u16, reason: &str) -> Result<String> {
+        let deadline = Instant::now() + WAIT;
+        let mut last = (0, String::new());
+        while Instant::now() < deadline {
+            last = self.readyz()?;
+            if last.0 == status && last.1.contains(reason) {
+                return Ok(last.1);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "/readyz stayed {} ({:?}), wanted {status} with {reason:?}",
+            last.0,
+            last.1
+        )
+    }
+}
+
+fn wait_bounded(
+    mut child: std::process::Child,
+    limit: Duration,
+    what: &str,
+) -> Result<std::process::Output> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    bail!("plugin {what} did not finish within {limit:?}")
+}
