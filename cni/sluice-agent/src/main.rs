@@ -1,7 +1,8 @@
 //! `sluice-cni-agent`: the per-node agent. Installs the CNI plugin, learns which pods to mesh,
 //! captures their traffic (eBPF or iptables) and hands each pod's netns to the proxy.
 //!
-//! Standalone mode (no Kubernetes): `--pods-file` lists namespaces and this node's pods.
+//! Kubernetes mode watches Namespaces and this node's Pods; standalone mode (no Kubernetes)
+//! reads them from `--pods-file`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,7 +18,7 @@ use sluice_agent::install::{Install, PLUGIN_TYPE};
 use sluice_agent::node::{Capture, Config, Event, Node};
 use sluice_agent::record::Records;
 use sluice_agent::selection::Selector;
-use sluice_agent::{cni_server::CniServer, standalone};
+use sluice_agent::{cluster, cni_server::CniServer, standalone};
 use sluice_capture::ebpf::EbpfCapture;
 use sluice_capture::iptables::IptablesCapture;
 use sluice_capture::{Backend, DEFAULT_PIN_ROOT};
@@ -33,9 +34,14 @@ use tracing::info;
 #[command(name = "sluice-cni-agent", version, verbatim_doc_comment)]
 struct Args {
     /// Standalone mode: the YAML file listing namespaces (with labels) and this node's pods,
-    /// re-read when it changes.
+    /// re-read when it changes. Without it the agent runs in Kubernetes mode.
     #[arg(long, env = "SLUICE_PODS_FILE")]
-    pods_file: PathBuf,
+    pods_file: Option<PathBuf>,
+
+    /// Kubernetes mode: this node's name (the downward API's spec.nodeName); only its pods are
+    /// watched.
+    #[arg(long, env = "NODE_NAME", required_unless_present_any = ["pods_file", "uninstall"])]
+    node_name: Option<String>,
 
     /// The capture mechanism.
     #[arg(long, value_enum, default_value_t = Backend::Ebpf, env = "SLUICE_BACKEND")]
@@ -132,7 +138,10 @@ fn main() -> Result<()> {
             args.cni_wait
         );
     }
-    let world = standalone::load(&args.pods_file).context("load the pods file")?;
+    let world = match &args.pods_file {
+        Some(path) => Some(standalone::load(path).context("load the pods file")?),
+        None => None,
+    };
     let cgroup_root = match &args.cgroup_root {
         Some(root) => root.clone(),
         None => sluice_capture::cgroup::v2_root().context("find the cgroup v2 mount")?,
@@ -145,7 +154,7 @@ fn main() -> Result<()> {
     };
     let records = Records::open(&args.state_dir)
         .with_context(|| format!("open the state dir {}", args.state_dir.display()))?;
-    info!(backend = %args.backend, pods_file = %args.pods_file.display(), zds = %args.zds_socket.display(),
+    info!(backend = %args.backend, pods_file = ?args.pods_file, node = ?args.node_name, zds = %args.zds_socket.display(),
           cni = %args.cni_socket.display(), cgroup_root = %cgroup_root.display(), "starting");
 
     // Signals are taken by one thread (sigwait), so block them before any thread starts.
@@ -161,7 +170,13 @@ fn main() -> Result<()> {
     cni.serve(events.clone(), wait);
     let health_addr = health::serve(args.health_addr, health.clone())
         .with_context(|| format!("bind the health address {}", args.health_addr))?;
-    standalone::watch(args.pods_file.clone(), world, events.clone());
+    let cluster = match (&args.pods_file, world) {
+        (Some(path), Some(world)) => {
+            standalone::watch(path.clone(), world, events.clone());
+            None
+        }
+        _ => Some(kubernetes(&args, events.clone())?),
+    };
     if args.no_install {
         health.set_install(Ok(()));
     } else {
@@ -184,12 +199,34 @@ fn main() -> Result<()> {
         cgroup_root,
         proxy_cgroup: args.proxy_cgroup.clone(),
         cni_wait: wait,
+        cluster,
     };
     Node::new(config, capture, records, health).run(rx);
     // The listeners' threads never return; remove their socket files here.
     let _ = std::fs::remove_file(&args.cni_socket);
     let _ = std::fs::remove_file(&args.zds_socket);
     Ok(())
+}
+
+/// Kubernetes mode: connects to the API server (in-cluster service account, else kubeconfig)
+/// and starts the watches on their own runtime thread.
+fn kubernetes(args: &Args, events: mpsc::Sender<Event>) -> Result<cluster::Handle> {
+    let node = args
+        .node_name
+        .clone()
+        .context("Kubernetes mode needs --node-name (NODE_NAME from the downward API)")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("start the Kubernetes runtime")?;
+    let client = runtime.block_on(kube::Client::try_default()).context(
+        "connect to the Kubernetes API server: no in-cluster service account and no \
+             kubeconfig; run in a pod, or pass --pods-file for standalone mode",
+    )?;
+    let (handle, requests) = cluster::Handle::channel();
+    std::thread::spawn(move || runtime.block_on(cluster::run(client, node, events, requests)));
+    Ok(handle)
 }
 
 fn installation(args: &Args) -> Result<Install> {

@@ -64,6 +64,8 @@ pub struct Config {
     pub proxy_cgroup: Option<PathBuf>,
     /// How long a CNI ADD waits for the proxy to take the pod.
     pub cni_wait: Duration,
+    /// Kubernetes mode: the API server, for annotations and lookups.
+    pub cluster: Option<crate::cluster::Handle>,
 }
 
 /// The capture backend, with the eBPF one's node-level extra (the proxy's cgroup program).
@@ -128,6 +130,9 @@ pub struct Node {
     waiters: Vec<Waiter>,
     /// CNI requests that came before the first world.
     deferred: Vec<(Request, Sender<Reply>)>,
+    /// Pods fetched from the API server for a sandbox start, kept in the world until the watch
+    /// delivers them (or their sandbox is deleted): a lagging watch must not release them.
+    fetched: BTreeMap<String, (PodInfo, Option<crate::selection::NamespaceInfo>)>,
 }
 
 impl Node {
@@ -146,6 +151,7 @@ impl Node {
             proxy_cgroup_attached: None,
             waiters: Vec::new(),
             deferred: Vec::new(),
+            fetched: BTreeMap::new(),
         }
     }
 
@@ -184,6 +190,7 @@ impl Node {
             Event::World(world) => {
                 let first = self.world.is_none();
                 self.world = Some(world);
+                self.merge_fetched();
                 if first {
                     self.adopt();
                 }
@@ -198,6 +205,21 @@ impl Node {
             Event::Cni(request, reply) => self.cni(request, reply),
             Event::Proxy(channel) => self.proxy_connected(channel),
             Event::Stop => {}
+        }
+    }
+
+    /// Adds the fetched pods the watch has not delivered yet to the world; forgets those it has.
+    fn merge_fetched(&mut self) {
+        let Some(world) = &mut self.world else { return };
+        self.fetched.retain(|uid, _| !world.pods.contains_key(uid));
+        for (uid, (info, namespace)) in &self.fetched {
+            world.pods.insert(uid.clone(), info.clone());
+            if let Some(ns) = namespace {
+                world
+                    .namespaces
+                    .entry(ns.name.clone())
+                    .or_insert_with(|| ns.clone());
+            }
         }
     }
 
@@ -340,6 +362,9 @@ impl Node {
         info!(pod = %pod.uid, name = %pod.name, namespace = %pod.namespace,
               netns = %record.netns.display(), backend = %self.capture.backend(), "pod captured");
         self.failures.remove(&pod.uid);
+        if let Some(cluster) = &self.cfg.cluster {
+            cluster.annotate(pod, true);
+        }
         self.pods.insert(
             pod.uid.clone(),
             Captured {
@@ -397,6 +422,9 @@ impl Node {
         }
         if let Err(e) = self.records.remove(uid) {
             warn!(pod = uid, error = %e, "cannot remove the pod record");
+        }
+        if let Some(cluster) = &self.cfg.cluster {
+            cluster.annotate(&pod.info, false);
         }
         info!(pod = uid, name = %pod.info.name, namespace = %pod.info.namespace, why, "pod released");
         self.answer_waiters(uid, || {

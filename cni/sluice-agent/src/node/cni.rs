@@ -12,6 +12,9 @@ use super::{Node, Waiter};
 use crate::find;
 use crate::selection::{Decision, PodInfo};
 
+/// How long a sandbox start waits for the API server when the watch has not seen its pod.
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 fn failed(code: ErrorCode, msg: String, details: impl Into<String>) -> Reply {
     Reply::Failed {
         code: code as u32,
@@ -96,12 +99,22 @@ impl Node {
 
     /// The selected pod a request is about; `Err` carries the answer when it is not selected
     /// (Skipped) or cannot be known.
-    fn cni_pod(&self, request: &Request) -> Result<PodInfo, Reply> {
+    fn cni_pod(&mut self, request: &Request) -> Result<PodInfo, Reply> {
         let Some(pod) = &request.pod else {
             return Err(Reply::Skipped {
                 reason: "not a Kubernetes pod".into(),
             });
         };
+        let Some(world) = &self.world else {
+            return Err(failed(
+                ErrorCode::TryAgainLater,
+                "the sluice agent has no pod list yet".into(),
+                "retry shortly",
+            ));
+        };
+        if lookup(world, pod).is_none() {
+            self.fetch(pod);
+        }
         let Some(world) = &self.world else {
             return Err(failed(
                 ErrorCode::TryAgainLater,
@@ -150,6 +163,19 @@ impl Node {
         }
     }
 
+    /// Kubernetes mode: a sandbox can start before the watch delivers its pod; ask the API
+    /// server and remember the answer until the watch catches up.
+    fn fetch(&mut self, pod: &PodRef) {
+        let Some(cluster) = &self.cfg.cluster else {
+            return;
+        };
+        let Some((info, namespace)) = cluster.lookup(pod, FETCH_TIMEOUT) else {
+            return;
+        };
+        self.fetched.insert(info.uid.clone(), (info, namespace));
+        self.merge_fetched();
+    }
+
     fn cni_del(&mut self, request: &Request) -> Reply {
         let Some(world) = &self.world else {
             return Reply::Done;
@@ -161,6 +187,7 @@ impl Node {
         }) else {
             return Reply::Done;
         };
+        self.fetched.remove(&uid);
         let Some(captured) = self.pods.get(&uid) else {
             return Reply::Done;
         };
