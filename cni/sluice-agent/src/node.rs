@@ -39,6 +39,10 @@ const TICK: Duration = Duration::from_millis(250);
 /// Retry delays for a pod that failed: doubling from the first, capped at the last.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How often selected pods that are not captured are looked for on the node: a sandbox can come
+/// up without the plugin (before the agent installed it, or while the primary CNI had rewritten
+/// the conflist), and is then captured within this time.
+const RESCAN: Duration = Duration::from_secs(2);
 
 pub enum Event {
     /// The source's whole view of namespaces and this node's pods.
@@ -133,6 +137,7 @@ pub struct Node {
     /// Pods fetched from the API server for a sandbox start, kept in the world until the watch
     /// delivers them (or their sandbox is deleted): a lagging watch must not release them.
     fetched: BTreeMap<String, (PodInfo, Option<crate::selection::NamespaceInfo>)>,
+    next_rescan: Instant,
 }
 
 impl Node {
@@ -152,6 +157,7 @@ impl Node {
             waiters: Vec::new(),
             deferred: Vec::new(),
             fetched: BTreeMap::new(),
+            next_rescan: Instant::now() + RESCAN,
         }
     }
 
@@ -533,6 +539,11 @@ impl Node {
             self.proxy_lost(&"the proxy hung up");
         }
         let now = Instant::now();
+        if now >= self.next_rescan {
+            self.next_rescan = now + RESCAN;
+            // Walks the cgroup tree only if a selected pod is not captured.
+            self.reconcile();
+        }
         if self.failures.values().any(|f| f.next <= now) {
             // Pods captured but refused by the proxy are retried by handing them over again.
             let refused: Vec<String> = self

@@ -92,6 +92,8 @@ pub struct AgentLab {
     pub agent: Option<Daemon>,
     pub proxy: Option<ProxyProcess>,
     pub pods: Vec<SandboxPod>,
+    /// Processes in pod cgroups that are not in a sandbox netns (see `start_pod_in_node_netns`).
+    strays: Vec<ProcessGuard>,
     // Held for its drop: the eBPF pins go after the pods, before the cgroups.
     _pins: Option<PinRootGuard>,
     proxy_cgroup: CgroupGuard,
@@ -155,6 +157,7 @@ impl AgentLab {
             agent: None,
             proxy: None,
             pods: Vec::new(),
+            strays: Vec::new(),
             _pins: pins,
             proxy_cgroup,
             kubepods,
@@ -355,6 +358,30 @@ impl AgentLab {
         });
         self.pods.push(pod);
         Ok(Ok(self.pods.len() - 1))
+    }
+
+    /// A pod whose process runs in the node's own network namespace though the pods source
+    /// does not say hostNetwork (a misconfigured or lying source): laid out in cgroups like any
+    /// pod, no sandbox netns, no CNI. The agent must refuse to capture it.
+    pub fn start_pod_in_node_netns(&mut self, name: &str) -> Result<()> {
+        let uid = self.uid(name);
+        let container_id = format!("{}{name}", self.id);
+        let (_, sandbox_cgroup, _) = self.pod_cgroups(&uid, &container_id)?;
+        std::fs::create_dir_all(&sandbox_cgroup)?;
+        let place = Placement {
+            netns: PathBuf::from("/proc/self/ns/net"),
+            cgroup: Some(sandbox_cgroup),
+        };
+        let child = command_in(Path::new("/bin/sleep"), &place)?
+            .arg("3600")
+            .stdin(Stdio::null())
+            .spawn()
+            .context("start the stray process")?;
+        self.strays.push(ProcessGuard {
+            child,
+            name: format!("process of {name}"),
+        });
+        Ok(())
     }
 
     /// CHECK through the chain, as a runtime does to verify a running sandbox.

@@ -267,3 +267,35 @@ pub fn a_proxy_restart_keeps_capture_fails_closed_then_resumes(backend: Backend)
         .wait_for_log(&["direction=\"outbound\"", &format!("dst={to}")])?;
     Ok(())
 }
+
+pub fn a_pod_that_cannot_be_captured_is_retried_and_keeps_the_agent_unready(
+    backend: Backend,
+) -> Result<()> {
+    let mut lab = AgentLab::new(backend, CgroupDriver::Cgroupfs)?;
+    lab.set_namespace("shop", true)?;
+    let uid = lab.list_pod("stray", "shop")?;
+    lab.start_agent()?;
+    lab.start_proxy()?;
+    lab.wait_ready(200)?;
+    // Its process runs in the node's netns: capturing it would capture the node.
+    lab.start_pod_in_node_netns("stray")?;
+    lab.wait_readyz(503, "the node's own network namespace")?;
+    let agent = lab.agent()?;
+    agent.wait_for_log_lines(&["pod not meshed", &uid, "attempts=2"], 1)?;
+    if backend == Backend::Ebpf {
+        ensure!(
+            !ebpf::list_pods(&lab.pin_root())?
+                .iter()
+                .any(|p| p.uid == uid),
+            "nothing was captured for the refused pod"
+        );
+    }
+    ensure!(
+        agent.count_log(&["pod captured", &uid]) == 0,
+        "the node's netns was never captured"
+    );
+    // The pod goes away from the source: the failure goes with it and the agent is ready again.
+    lab.unlist_pod("stray")?;
+    lab.wait_ready(200)?;
+    Ok(())
+}
