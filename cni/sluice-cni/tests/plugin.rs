@@ -162,31 +162,24 @@ fn add_fails_with_the_agents_error() {
     assert!(out["details"].as_str().unwrap().contains("no cgroup"));
 }
 
+/// A failure with code 11 (try again later) whose message says `why`.
+fn assert_try_again(ok: bool, out: &Value, why: &str) {
+    assert!(!ok, "{out}");
+    assert_eq!(out["code"], 11, "{out}");
+    assert!(out["msg"].as_str().unwrap().contains(why), "{out}");
+}
+
 #[test]
 fn add_with_the_agent_unreachable_or_silent_fails_closed_with_try_again_later() {
     let dir = TempDir::new("down");
     let socket = dir.0.join("cni.sock");
     let (ok, out) = plugin("ADD", POD, &conf(&socket, json!({})));
-    assert!(!ok);
-    assert_eq!(out["code"], 11, "{out}");
-    assert!(
-        out["msg"]
-            .as_str()
-            .unwrap()
-            .contains("cannot reach the sluice agent")
-    );
+    assert_try_again(ok, &out, "cannot reach the sluice agent");
 
     let _requests = fake_agent(&socket, vec![None]);
     let started = std::time::Instant::now();
     let (ok, out) = plugin("ADD", POD, &conf(&socket, json!({"timeoutSeconds": 1})));
-    assert!(!ok);
-    assert_eq!(out["code"], 11, "{out}");
-    assert!(
-        out["msg"]
-            .as_str()
-            .unwrap()
-            .contains("did not answer within 1 s")
-    );
+    assert_try_again(ok, &out, "did not answer within 1 s");
     assert!(started.elapsed() < Duration::from_secs(4));
 }
 

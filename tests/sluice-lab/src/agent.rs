@@ -273,6 +273,11 @@ impl AgentLab {
         self.apply_pods_file()
     }
 
+    /// The uid the lab gives pod `name`.
+    pub fn pod_uid(&self, name: &str) -> String {
+        self.uid(name)
+    }
+
     fn uid(&self, name: &str) -> String {
         format!("{}-{name}", self.id)
     }

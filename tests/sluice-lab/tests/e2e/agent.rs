@@ -8,6 +8,38 @@ use sluice_capture::{Backend, ebpf};
 use sluice_lab::agent::{AgentLab, CgroupDriver};
 use sluice_lab::app::{self, ProcessGuard, Session};
 
+/// A node whose pods file has `namespaces` (name, meshed) and lists `pods` (name, namespace),
+/// with the agent running, and the proxy too if `proxy`.
+fn node(
+    backend: Backend,
+    driver: CgroupDriver,
+    namespaces: &[(&str, bool)],
+    pods: &[(&str, &str)],
+    proxy: bool,
+) -> Result<AgentLab> {
+    let mut lab = AgentLab::new(backend, driver)?;
+    for (name, meshed) in namespaces {
+        lab.set_namespace(name, *meshed)?;
+    }
+    for (name, namespace) in pods {
+        lab.list_pod(name, namespace)?;
+    }
+    lab.start_agent()?;
+    if proxy {
+        lab.start_proxy()?;
+    }
+    Ok(lab)
+}
+
+/// Starts pod sandboxes through the CNI chain; a CNI error fails the test.
+fn start(lab: &mut AgentLab, pods: &[(&str, &str)]) -> Result<()> {
+    for (name, namespace) in pods {
+        lab.start_pod(name, namespace)?
+            .map_err(|e| anyhow::anyhow!("starting {namespace}/{name}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Echo servers on `addr`, in the pod `name` of the lab.
 fn serve(lab: &AgentLab, name: &str, port: u16) -> Result<(ProcessGuard, SocketAddr)> {
     let pod = lab.pod(name)?;
@@ -35,6 +67,21 @@ fn proxied(lab: &AgentLab, direction: &str, to: SocketAddr) -> Result<usize> {
     ]))
 }
 
+/// `shop` is meshed, `web` is not.
+const MESHED_AND_NOT: &[(&str, bool)] = &[("shop", true), ("web", false)];
+/// A client in the meshed namespace, a server in the other.
+const CLIENT_AND_SERVER: &[(&str, &str)] = &[("client", "shop"), ("server", "web")];
+
+/// Whether the eBPF pins hold state for pod `uid` (always false with iptables).
+fn pinned(lab: &AgentLab, uid: &str) -> Result<bool> {
+    if lab.backend != Backend::Ebpf {
+        return Ok(false);
+    }
+    Ok(ebpf::list_pods(&lab.pin_root())?
+        .iter()
+        .any(|p| p.uid == uid))
+}
+
 fn conflist_types(lab: &AgentLab) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(lab.conf_dir().join("10-lab.conflist"))?;
     let list: serde_json::Value = serde_json::from_str(&text)?;
@@ -49,12 +96,13 @@ fn conflist_types(lab: &AgentLab) -> Result<Vec<String>> {
 pub fn a_pod_started_through_the_cni_chain_runs_only_once_captured_and_served(
     backend: Backend,
 ) -> Result<()> {
-    let mut lab = AgentLab::new(backend, CgroupDriver::Cgroupfs)?;
-    lab.set_namespace("shop", true)?;
-    lab.set_namespace("web", false)?;
-    lab.list_pod("client", "shop")?;
-    lab.list_pod("server", "web")?;
-    lab.start_agent()?;
+    let mut lab = node(
+        backend,
+        CgroupDriver::Cgroupfs,
+        MESHED_AND_NOT,
+        CLIENT_AND_SERVER,
+        false,
+    )?;
     ensure!(
         conflist_types(&lab)? == ["bridge", "sluice-cni"],
         "the agent inserts its plugin last in the primary conflist: {:?}",
@@ -76,14 +124,12 @@ pub fn a_pod_started_through_the_cni_chain_runs_only_once_captured_and_served(
 
     lab.start_proxy()?;
     lab.wait_ready(200)?;
-    lab.start_pod("server", "web")?
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    start(&mut lab, &[("server", "web")])?;
     ensure!(
         !lab.captured("server")?,
         "an unlabelled namespace's pod is not captured"
     );
-    lab.start_pod("client", "shop")?
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    start(&mut lab, &[("client", "shop")])?;
     // No waiting: ADD returned, so capture is in place and the proxy has the pod.
     ensure!(
         lab.captured("client")?,
@@ -110,14 +156,7 @@ pub fn a_pod_started_through_the_cni_chain_runs_only_once_captured_and_served(
     lab.agent()?
         .wait_for_log(&["pod released", &uid, "CNI DEL"])?;
     lab.proxy()?.wait_for_log(&["removed by the agent", &uid])?;
-    if backend == Backend::Ebpf {
-        ensure!(
-            !ebpf::list_pods(&lab.pin_root())?
-                .iter()
-                .any(|p| p.uid == uid),
-            "DEL leaves no pinned state"
-        );
-    }
+    ensure!(!pinned(&lab, &uid)?, "DEL leaves no pinned state");
     lab.wait_ready(200)?;
     Ok(())
 }
@@ -125,15 +164,16 @@ pub fn a_pod_started_through_the_cni_chain_runs_only_once_captured_and_served(
 pub fn labelling_a_namespace_meshes_its_running_pods_and_unlabelling_releases_them(
     backend: Backend,
 ) -> Result<()> {
-    let mut lab = AgentLab::new(backend, CgroupDriver::Systemd)?;
-    lab.set_namespace("shop", false)?;
-    lab.list_pod("client", "shop")?;
-    lab.list_pod("server", "shop")?;
-    lab.start_agent()?;
-    lab.start_proxy()?;
-    for pod in ["client", "server"] {
-        lab.start_pod(pod, "shop")?
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pods = [("client", "shop"), ("server", "shop")];
+    let mut lab = node(
+        backend,
+        CgroupDriver::Systemd,
+        &[("shop", false)],
+        &pods,
+        true,
+    )?;
+    start(&mut lab, &pods)?;
+    for (pod, _) in pods {
         ensure!(!lab.captured(pod)?, "{pod} is not meshed yet");
     }
     let (_server, to) = serve(&lab, "server", 9090)?;
@@ -172,17 +212,15 @@ pub fn labelling_a_namespace_meshes_its_running_pods_and_unlabelling_releases_th
 pub fn an_agent_restart_adopts_its_pods_without_disturbing_live_traffic(
     backend: Backend,
 ) -> Result<()> {
-    let mut lab = AgentLab::new(backend, CgroupDriver::Cgroupfs)?;
-    lab.set_namespace("shop", true)?;
-    for pod in ["client", "server", "gone"] {
-        lab.list_pod(pod, "shop")?;
-    }
-    lab.start_agent()?;
-    lab.start_proxy()?;
-    for pod in ["client", "server", "gone"] {
-        lab.start_pod(pod, "shop")?
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
+    let pods = [("client", "shop"), ("server", "shop"), ("gone", "shop")];
+    let mut lab = node(
+        backend,
+        CgroupDriver::Cgroupfs,
+        &[("shop", true)],
+        &pods,
+        true,
+    )?;
+    start(&mut lab, &pods)?;
     let (_server, to) = serve(&lab, "server", 9090)?;
     let mut session = Session::open(&lab.pod("client")?.place(), to)?;
     session.round_trip(16 * 1024)?;
@@ -201,8 +239,7 @@ pub fn an_agent_restart_adopts_its_pods_without_disturbing_live_traffic(
         refused.code == 11 && refused.msg.contains("cannot reach"),
         "{refused}"
     );
-    lab.start_pod("dns", "kube-system")?
-        .map_err(|e| anyhow::anyhow!("excluded namespaces start without the agent: {e}"))?;
+    start(&mut lab, &[("dns", "kube-system")])?; // excluded namespaces start without the agent
     // A pod goes away while the agent is down (DEL succeeds without the agent).
     let gone = lab.pod("gone")?.uid.clone();
     lab.stop_pod("gone")?
@@ -220,31 +257,21 @@ pub fn an_agent_restart_adopts_its_pods_without_disturbing_live_traffic(
         lab.agent()?.count_log(&["pod captured", &client]) == 0,
         "the restarted agent adopted the pod rather than capturing it again"
     );
-    if backend == Backend::Ebpf {
-        ensure!(
-            !ebpf::list_pods(&lab.pin_root())?
-                .iter()
-                .any(|p| p.uid == gone),
-            "the gone pod's pins were removed"
-        );
-    }
+    ensure!(!pinned(&lab, &gone)?, "the gone pod's pins were removed");
     session.round_trip(16 * 1024)?;
     connects(&lab, "client", to, "after the agent restarted")?;
     Ok(())
 }
 
 pub fn a_proxy_restart_keeps_capture_fails_closed_then_resumes(backend: Backend) -> Result<()> {
-    let mut lab = AgentLab::new(backend, CgroupDriver::Systemd)?;
-    lab.set_namespace("shop", true)?;
-    lab.set_namespace("web", false)?;
-    lab.list_pod("client", "shop")?;
-    lab.list_pod("server", "web")?;
-    lab.start_agent()?;
-    lab.start_proxy()?;
-    lab.start_pod("server", "web")?
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    lab.start_pod("client", "shop")?
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut lab = node(
+        backend,
+        CgroupDriver::Systemd,
+        MESHED_AND_NOT,
+        CLIENT_AND_SERVER,
+        true,
+    )?;
+    start(&mut lab, CLIENT_AND_SERVER)?;
     let (_server, to) = serve(&lab, "server", 9090)?;
     connects(&lab, "client", to, "before the proxy restart")?;
 
@@ -271,25 +298,24 @@ pub fn a_proxy_restart_keeps_capture_fails_closed_then_resumes(backend: Backend)
 pub fn a_pod_that_cannot_be_captured_is_retried_and_keeps_the_agent_unready(
     backend: Backend,
 ) -> Result<()> {
-    let mut lab = AgentLab::new(backend, CgroupDriver::Cgroupfs)?;
-    lab.set_namespace("shop", true)?;
-    let uid = lab.list_pod("stray", "shop")?;
-    lab.start_agent()?;
-    lab.start_proxy()?;
+    let mut lab = node(
+        backend,
+        CgroupDriver::Cgroupfs,
+        &[("shop", true)],
+        &[("stray", "shop")],
+        true,
+    )?;
+    let uid = lab.pod_uid("stray");
     lab.wait_ready(200)?;
     // Its process runs in the node's netns: capturing it would capture the node.
     lab.start_pod_in_node_netns("stray")?;
     lab.wait_readyz(503, "the node's own network namespace")?;
     let agent = lab.agent()?;
     agent.wait_for_log_lines(&["pod not meshed", &uid, "attempts=2"], 1)?;
-    if backend == Backend::Ebpf {
-        ensure!(
-            !ebpf::list_pods(&lab.pin_root())?
-                .iter()
-                .any(|p| p.uid == uid),
-            "nothing was captured for the refused pod"
-        );
-    }
+    ensure!(
+        !pinned(&lab, &uid)?,
+        "nothing was captured for the refused pod"
+    );
     ensure!(
         agent.count_log(&["pod captured", &uid]) == 0,
         "the node's netns was never captured"

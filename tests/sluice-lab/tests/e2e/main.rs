@@ -11,8 +11,6 @@ mod cleanup;
 mod mesh;
 mod zds;
 
-use sluice_capture::Backend;
-
 /// Fails loudly (never skips) when the tests cannot do their job.
 fn require_root() {
     // SAFETY: geteuid cannot fail.
@@ -24,18 +22,19 @@ fn require_root() {
     sluice_lab::app::set_binary(env!("CARGO_BIN_EXE_sluice-lab"));
 }
 
+/// Generates `ebpf::<scenario>` and `iptables::<scenario>` tests for scenarios of `$module`.
 macro_rules! for_both_backends {
-    ($($scenario:ident),* $(,)?) => {
+    ($module:ident: $($scenario:ident),* $(,)?) => {
         mod ebpf {
-            $(#[test] fn $scenario() { crate::require_root(); crate::capture::$scenario(super::Backend::Ebpf).unwrap(); })*
+            $(#[test] fn $scenario() { crate::require_root(); crate::$module::$scenario(sluice_capture::Backend::Ebpf).unwrap(); })*
         }
         mod iptables {
-            $(#[test] fn $scenario() { crate::require_root(); crate::capture::$scenario(super::Backend::Iptables).unwrap(); })*
+            $(#[test] fn $scenario() { crate::require_root(); crate::$module::$scenario(sluice_capture::Backend::Iptables).unwrap(); })*
         }
     };
 }
 
-for_both_backends!(
+for_both_backends!(capture:
     inbound_to_any_port_reaches_the_app_through_the_proxy,
     outbound_reaches_the_server_through_the_proxy_and_the_app_sees_the_real_peer,
     clients_in_container_cgroups_are_captured,
@@ -48,67 +47,22 @@ for_both_backends!(
     ipv6_is_captured_both_ways,
 );
 
-/// The mesh scenarios need two nodes each, so they are listed here rather than in the macro.
+/// The mesh scenarios need two nodes each.
 mod hbone {
-    use super::Backend;
-
-    #[test]
-    fn ebpf_captured_clients_reach_meshed_pods_through_hbone() {
-        crate::require_root();
-        crate::mesh::captured_clients_reach_meshed_pods_through_hbone(Backend::Ebpf).unwrap();
-    }
-
-    #[test]
-    fn iptables_captured_clients_reach_meshed_pods_through_hbone() {
-        crate::require_root();
-        crate::mesh::captured_clients_reach_meshed_pods_through_hbone(Backend::Iptables).unwrap();
-    }
-
-    #[test]
-    fn ebpf_a_terminated_proxy_drains_then_exits() {
-        crate::require_root();
-        crate::mesh::a_terminated_proxy_drains_then_exits(Backend::Ebpf).unwrap();
-    }
-
-    #[test]
-    fn iptables_a_terminated_proxy_drains_then_exits() {
-        crate::require_root();
-        crate::mesh::a_terminated_proxy_drains_then_exits(Backend::Iptables).unwrap();
-    }
+    for_both_backends!(mesh:
+        captured_clients_reach_meshed_pods_through_hbone,
+        a_terminated_proxy_drains_then_exits,
+    );
 }
 
+/// The proxy driven over ZDS by the test acting as the agent.
 mod handoff {
-    use super::Backend;
-
-    #[test]
-    fn ebpf_the_agent_hands_pods_to_the_proxy_over_zds() {
-        crate::require_root();
-        crate::zds::the_agent_hands_pods_to_the_proxy_over_zds(Backend::Ebpf).unwrap();
-    }
-
-    #[test]
-    fn iptables_the_agent_hands_pods_to_the_proxy_over_zds() {
-        crate::require_root();
-        crate::zds::the_agent_hands_pods_to_the_proxy_over_zds(Backend::Iptables).unwrap();
-    }
+    for_both_backends!(zds: the_agent_hands_pods_to_the_proxy_over_zds);
 }
 
 /// The node agent with the CNI chain, the pods file and restarts (one node each).
 mod node_agent {
-    use super::Backend;
-
-    macro_rules! both {
-        ($($scenario:ident),* $(,)?) => {
-            mod ebpf {
-                $(#[test] fn $scenario() { crate::require_root(); crate::agent::$scenario(super::Backend::Ebpf).unwrap(); })*
-            }
-            mod iptables {
-                $(#[test] fn $scenario() { crate::require_root(); crate::agent::$scenario(super::Backend::Iptables).unwrap(); })*
-            }
-        };
-    }
-
-    both!(
+    for_both_backends!(agent:
         a_pod_started_through_the_cni_chain_runs_only_once_captured_and_served,
         labelling_a_namespace_meshes_its_running_pods_and_unlabelling_releases_them,
         an_agent_restart_adopts_its_pods_without_disturbing_live_traffic,
