@@ -36,7 +36,7 @@ enum Cmd {
     },
     /// Run the demo: two network namespaces, one pod captured with eBPF, traffic through the proxy.
     Demo,
-    /// Run a benchmark: `cargo xtask bench capture [--runs N] [--seconds S]`.
+    /// Run a benchmark: `cargo xtask bench capture|hbone|pod-start [--runs N] …` (`--help` lists each one's options).
     #[command(disable_help_flag = true)]
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -66,6 +66,8 @@ pub struct SandboxPod {
     container_id: String,
     /// The chain's ADD result, handed back on CHECK and DEL as runtimes do.
     result: Value,
+    /// How long the chain's ADD took (what sandbox start waits for).
+    pub add_time: Duration,
     pause: Option<ProcessGuard>,
     /// The app container's cgroup (below the pod's).
     pub app_cgroup: PathBuf,
@@ -327,12 +329,16 @@ impl AgentLab {
             ip: Ipv4Addr::UNSPECIFIED,
             container_id,
             result: Value::Null,
+            add_time: Duration::ZERO,
             pause: None,
             app_cgroup,
             pod_cgroup,
             ns,
         };
-        let result = match self.chain("ADD", &pod)? {
+        let started = Instant::now();
+        let added = self.chain("ADD", &pod)?;
+        pod.add_time = started.elapsed();
+        let result = match added {
             Ok(result) => result,
             Err(failure) => {
                 // As containerd does: a sandbox whose network setup failed is torn down (DEL)

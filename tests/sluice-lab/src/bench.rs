@@ -21,6 +21,8 @@ use crate::app::{self, Placement};
 use crate::lab::{Lab, PEER_IP};
 use crate::proxy::ProxyProcess;
 
+mod pod_start;
+
 #[derive(clap::Subcommand, Clone, Debug)]
 pub enum Which {
     /// Capture cost: direct vs iptables vs eBPF (client pod → peer server).
@@ -34,6 +36,17 @@ pub enum Which {
         /// Seconds per connection-rate run.
         #[arg(long, default_value_t = 3.0)]
         rate_seconds: f64,
+    },
+    /// Pod start cost: how long a sandbox's CNI ADD takes through the node's chain, without
+    /// sluice (`direct`: bridge + host-local) and with it meshing the pod (`iptables`, `ebpf`:
+    /// capture in place and the proxy's ack).
+    PodStart {
+        /// Rounds; each round starts `pods` pods in every mode.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Pods started per mode and round.
+        #[arg(long, default_value_t = 10)]
+        pods: usize,
     },
     /// Mesh cost: a client pod on one node to a server pod on the other, `direct` (no mesh)
     /// vs HBONE with `iptables` or `ebpf` capture.
@@ -81,6 +94,7 @@ struct MetricResult {
 
 pub fn run(which: Which) -> Result<()> {
     let (hbone, runs, seconds, rate_seconds) = match which {
+        Which::PodStart { runs, pods } => return pod_start::run(runs, pods),
         Which::Capture {
             runs,
             seconds,
@@ -137,13 +151,20 @@ pub fn run(which: Which) -> Result<()> {
         });
     }
     print_table(&results);
-    let path = output_path()?;
+    write_results(
+        "capture",
+        &format!(
+            "cargo xtask bench capture --runs {runs} --seconds {seconds} --rate-seconds {rate_seconds}"
+        ),
+        &results,
+    )
+}
+
+/// Writes `target/bench/<name>.json`: the benchmark, the command that produced it, the results.
+fn write_results(name: &str, command: &str, results: &[MetricResult]) -> Result<()> {
+    let path = output_path()?.with_file_name(format!("{name}.json"));
     std::fs::create_dir_all(path.parent().context("output dir")?)?;
-    let json = serde_json::json!({
-        "benchmark": "capture",
-        "command": format!("cargo xtask bench capture --runs {runs} --seconds {seconds} --rate-seconds {rate_seconds}"),
-        "results": results,
-    });
+    let json = serde_json::json!({ "benchmark": name, "command": command, "results": results });
     std::fs::File::create(&path)?.write_all(serde_json::to_string_pretty(&json)?.as_bytes())?;
     println!("wrote {}", path.display());
     Ok(())
@@ -350,16 +371,13 @@ fn run_hbone(runs: usize, seconds: u32, rate_seconds: f64) -> Result<()> {
     ) {
         println!("ebpf / iptables (HBONE): throughput {:.2}x", e / i);
     }
-    let path = output_path()?.with_file_name("hbone.json");
-    std::fs::create_dir_all(path.parent().context("output dir")?)?;
-    let json = serde_json::json!({
-        "benchmark": "hbone",
-        "command": format!("cargo xtask bench hbone --runs {runs} --seconds {seconds} --rate-seconds {rate_seconds}"),
-        "results": results,
-    });
-    std::fs::File::create(&path)?.write_all(serde_json::to_string_pretty(&json)?.as_bytes())?;
-    println!("wrote {}", path.display());
-    Ok(())
+    write_results(
+        "hbone",
+        &format!(
+            "cargo xtask bench hbone --runs {runs} --seconds {seconds} --rate-seconds {rate_seconds}"
+        ),
+        &results,
+    )
 }
 
 /// One sample of every HBONE metric, in [`HBONE_METRICS`] order, in a fresh cluster.
