@@ -120,6 +120,9 @@ pub struct Cluster {
     pub id: String,
     /// The capture backend (meaningless for [`Cluster::unmeshed`]).
     pub backend: Backend,
+    services: Vec<ServiceSpec>,
+    /// The mesh file's `policies:` list, as YAML.
+    policies: String,
 }
 
 /// The inter-node link's address on node 0 and node 1.
@@ -269,8 +272,10 @@ impl Cluster {
             dir,
             id,
             backend: backend.unwrap_or(Backend::Ebpf),
+            services: services.to_vec(),
+            policies: String::new(),
         };
-        cluster.write_mesh(services)?;
+        cluster.write_mesh()?;
         if backend.is_some() {
             cluster.init_ca()?;
             for n in 0..2 {
@@ -301,14 +306,31 @@ impl Cluster {
         LinkCapture::start(&self.nodes[0].path(), &format!("sl{}x0", self.id))
     }
 
-    fn write_mesh(&self, services: &[ServiceSpec]) -> Result<()> {
+    /// Replaces the mesh file's Istio policy objects (a YAML list, as `kubectl get -o yaml`
+    /// items) and waits until both proxies have reloaded it.
+    pub fn set_policies(&mut self, yaml: &str) -> Result<()> {
+        let seen: Vec<usize> = self
+            .proxies
+            .iter()
+            .map(|p| p.count_log(&["mesh reloaded"]))
+            .collect();
+        self.policies = yaml.to_owned();
+        self.write_mesh()?;
+        for (proxy, seen) in self.proxies.iter().zip(seen) {
+            proxy.wait_for_log_lines(&["mesh reloaded"], seen + 1)?;
+        }
+        Ok(())
+    }
+
+    fn write_mesh(&self) -> Result<()> {
+        let services = &self.services;
         let mut yaml = String::from("trustDomain: cluster.local\nworkloads:\n");
         for pod in &self.pods {
             let protocol = if pod.meshed { "HBONE" } else { "TCP" };
             yaml.push_str(&format!(
                 "  - uid: {}\n    name: {}\n    namespace: default\n    serviceAccount: {}\n    \
-                 ips: [{}, {}]\n    node: node-{}\n    protocol: {protocol}\n",
-                pod.uid, pod.name, pod.name, pod.ip, pod.ip6, pod.node
+                 ips: [{}, {}]\n    node: node-{}\n    protocol: {protocol}\n    labels: {{app: {}}}\n",
+                pod.uid, pod.name, pod.name, pod.ip, pod.ip6, pod.node, pod.name
             ));
         }
         yaml.push_str("services:\n");
@@ -327,7 +349,16 @@ impl Cluster {
                 endpoints.join(", ")
             ));
         }
-        std::fs::write(self.mesh_file(), yaml).context("write the mesh file")
+        if !self.policies.trim().is_empty() {
+            yaml.push_str("policies:\n");
+            for line in self.policies.lines() {
+                yaml.push_str(&format!("  {line}\n"));
+            }
+        }
+        // Written whole and renamed into place: a reload never sees half a file.
+        let tmp = self.dir.0.join("mesh.yaml.tmp");
+        std::fs::write(&tmp, yaml).context("write the mesh file")?;
+        std::fs::rename(&tmp, self.mesh_file()).context("replace the mesh file")
     }
 
     fn init_ca(&self) -> Result<()> {

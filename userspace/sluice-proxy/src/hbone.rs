@@ -9,7 +9,7 @@
 //!   foreign target, 503 when the app refuses).
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -197,6 +197,12 @@ pub async fn open_stream(
 pub trait Inbound: Send + Sync + 'static {
     /// Whether `addr` is a workload this node serves (the only targets a CONNECT may name).
     fn is_local(&self, addr: SocketAddr) -> bool;
+    /// Whether `peer`, connecting from `source`, may reach `target`; `Err` names the policy
+    /// that denies it (the stream is answered 401).
+    fn authorize(&self, target: SocketAddr, peer: &Identity, source: IpAddr) -> Result<(), String>;
+    /// Changes whenever the policies may have changed: open tunnels are authorized again then,
+    /// and closed if no longer allowed.
+    fn policy_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>>;
     /// Connects to the app at `target` on behalf of `peer`.
     fn connect(
         &self,
@@ -221,6 +227,8 @@ pub struct ServerStats {
     pub tunnelled: AtomicU64,
     pub bad_request: AtomicU64,
     pub not_local: AtomicU64,
+    /// Streams refused by an authorization policy (401), and tunnels closed by a policy change.
+    pub denied: AtomicU64,
     pub upstream_failed: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
@@ -268,7 +276,10 @@ pub async fn accept(
         .and_then(crate::tls::peer_identity);
     match peer {
         Some(peer) if peer.trust_domain == trust_domain => {
-            serve(tls, peer, inbound, stats, drain).await
+            let source = remote.map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |r| {
+                crate::socket::canonical(r).ip()
+            });
+            serve(tls, peer, source, inbound, stats, drain).await
         }
         other => {
             stats.bad_identity.fetch_add(1, Ordering::Relaxed);
@@ -285,6 +296,7 @@ pub async fn accept(
 pub async fn serve<IO, I>(
     io: IO,
     peer: Identity,
+    source: IpAddr,
     inbound: Arc<I>,
     stats: Arc<ServerStats>,
     mut drain: tokio::sync::watch::Receiver<bool>,
@@ -324,7 +336,7 @@ pub async fn serve<IO, I>(
         tokio::spawn(serve_stream(
             request,
             respond,
-            peer.clone(),
+            (peer.clone(), source),
             inbound.clone(),
             stats.clone(),
         ));
@@ -335,7 +347,7 @@ pub async fn serve<IO, I>(
 async fn serve_stream<I: Inbound>(
     request: Request<RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
-    peer: Arc<Identity>,
+    (peer, source): (Arc<Identity>, IpAddr),
     inbound: Arc<I>,
     stats: Arc<ServerStats>,
 ) {
@@ -359,6 +371,11 @@ async fn serve_stream<I: Inbound>(
         info!(peer = %peer, %target, "HBONE target is not a workload on this node (400)");
         return refuse(&mut respond, StatusCode::BAD_REQUEST);
     }
+    if let Err(policy) = inbound.authorize(target, &peer, source) {
+        stats.denied.fetch_add(1, Ordering::Relaxed);
+        info!(target: "access", peer = %peer, src = %source, dst = %target, policy, "connection denied by policy (401)");
+        return refuse(&mut respond, StatusCode::UNAUTHORIZED);
+    }
     let mut upstream = match inbound.connect(target, &peer).await {
         Ok(upstream) => upstream,
         Err(e) => {
@@ -381,13 +398,41 @@ async fn serve_stream<I: Inbound>(
     stats.tunnelled.fetch_add(1, Ordering::Relaxed);
     let mut tunnel = H2Stream::new(send, request.into_body());
     let _ = upstream.set_nodelay(true);
-    match copy(&mut tunnel, &mut upstream).await {
+    let copied = tokio::select! {
+        copied = copy(&mut tunnel, &mut upstream) => copied,
+        policy = revoked(&*inbound, target, &peer, source) => {
+            stats.denied.fetch_add(1, Ordering::Relaxed);
+            info!(target: "access", peer = %peer, src = %source, dst = %target, policy, "tunnel closed: a policy change denies it");
+            return;
+        }
+    };
+    match copied {
         Ok((from_client, to_client)) => {
             stats.bytes_in.fetch_add(from_client, Ordering::Relaxed);
             stats.bytes_out.fetch_add(to_client, Ordering::Relaxed);
             info!(target: "access", peer = %peer, dst = %target, bytes_received = from_client, bytes_sent = to_client, "tunnel closed");
         }
         Err(e) => info!(target: "access", peer = %peer, dst = %target, error = %e, "tunnel failed"),
+    }
+}
+
+/// Resolves once a policy change denies `peer` → `target`; never without policy changes.
+async fn revoked<I: Inbound>(
+    inbound: &I,
+    target: SocketAddr,
+    peer: &Identity,
+    source: IpAddr,
+) -> String {
+    let Some(mut changes) = inbound.policy_changes() else {
+        return std::future::pending().await;
+    };
+    loop {
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if let Err(policy) = inbound.authorize(target, peer, source) {
+            return policy;
+        }
     }
 }
 

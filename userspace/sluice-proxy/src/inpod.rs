@@ -11,11 +11,12 @@
 //! - with the mesh on, a pod that is an HBONE workload presents its own identity, on its own
 //!   15008 listener and in its own connection pool: pods never share certificates or tunnels.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::StatusCode;
 use sluice_capture::inbound_map::InboundSocketMap;
 use sluice_capture::netns::Netns;
 use sluice_capture::{PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND, PodUid};
@@ -25,10 +26,11 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::copy::{self, CopyMode};
-use crate::hbone::{self, ServerStats};
+use crate::hbone::{self, OpenError, ServerStats};
 use crate::identity::Identity;
 use crate::mesh::{MeshWatch, Protocol};
-use crate::pool::{BoxFuture, Pool, PoolKey, TcpConnect, TlsDialer};
+use crate::policy::{Connection, MtlsMode, Target, Verdict};
+use crate::pool::{BoxFuture, Pool, PoolError, PoolKey, TcpConnect, TlsDialer};
 use crate::route::{Balancer, Hop};
 use crate::socket::{self, canonical};
 use crate::stats::Stats;
@@ -72,6 +74,27 @@ impl hbone::Inbound for PodInbound {
             .current()
             .workload(self.uid.as_str())
             .is_some_and(|(w, _)| w.ips.contains(&addr.ip()))
+    }
+
+    fn authorize(&self, target: SocketAddr, peer: &Identity, source: IpAddr) -> Result<(), String> {
+        let mesh = self.mesh.current();
+        let Some((workload, _)) = mesh.workload(self.uid.as_str()) else {
+            return Err("the pod is not a workload of the mesh".to_owned());
+        };
+        let connection = Connection {
+            source_ip: source,
+            source: Some(peer),
+            destination_ip: target.ip(),
+            destination_port: target.port(),
+        };
+        match mesh.policies.authorize(&target_of(workload), &connection) {
+            Verdict::Allow => Ok(()),
+            Verdict::Deny { policy } => Err(policy),
+        }
+    }
+
+    fn policy_changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.mesh.changes())
     }
 
     fn connect(
@@ -411,6 +434,20 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
     {
         return serve_outbound_mesh(client, dst, ctx, shared, started).await;
     }
+    // Plaintext inbound to a mesh workload: PeerAuthentication, then authorization.
+    let source = client.peer_addr().map(canonical).ok();
+    let policy = match (&ctx.mesh, direction, source) {
+        (Some(shared), Direction::Inbound, Some(src)) => Some((shared, src)),
+        _ => None,
+    };
+    if let Some((shared, src)) = policy
+        && let Err(policy) = plaintext_allowed(&shared.mesh, &ctx.uid, src, dst)
+    {
+        Stats::incr(&stats.denied);
+        info!(target: "access", dst = %dst, policy, "plaintext connection denied by policy; reset");
+        reset(client);
+        return;
+    }
     let mut upstream = match socket::connect_in(&ctx.netns, dst).await {
         Ok(upstream) => upstream,
         Err(e) => {
@@ -419,7 +456,18 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
             return;
         }
     };
-    let result = copy::bidirectional(ctx.copy, &mut client, &mut upstream).await;
+    let result = match policy {
+        Some((shared, src)) => tokio::select! {
+            result = copy::bidirectional(ctx.copy, &mut client, &mut upstream) => result,
+            policy = plaintext_revoked(&shared.mesh, &ctx.uid, src, dst) => {
+                Stats::incr(&stats.denied);
+                info!(target: "access", dst = %dst, policy, "connection closed: a policy change denies it");
+                reset(client);
+                return;
+            }
+        },
+        None => copy::bidirectional(ctx.copy, &mut client, &mut upstream).await,
+    };
     let duration_ms = started.elapsed().as_millis() as u64;
     stats.count_copy(&result);
     match result {
@@ -462,6 +510,12 @@ async fn serve_outbound_mesh(
                             .await
                             .map(|(from_tunnel, to_tunnel)| (to_tunnel, from_tunnel));
                         Ok((copied, Some(dst_identity)))
+                    }
+                    Err(PoolError::Open(OpenError::Status(StatusCode::UNAUTHORIZED))) => {
+                        Stats::incr(&stats.denied);
+                        info!(target: "access", dst = %dst, upstream = %target, peer_identity = %dst_identity, "connection denied by the destination's policy (401); reset");
+                        reset(client);
+                        return;
                     }
                     Err(e) => {
                         Stats::incr(&stats.tunnel_failed);
@@ -506,6 +560,69 @@ async fn serve_outbound_mesh(
         return;
     }
     info!(target: "access", dst = %dst, service = plan.service.as_deref(), "connection refused: no upstream reachable");
+}
+
+/// The policy view of a workload.
+fn target_of(workload: &crate::mesh::Workload) -> Target<'_> {
+    Target {
+        namespace: &workload.namespace,
+        labels: &workload.labels,
+    }
+}
+
+/// Whether a plaintext connection from `src` may reach `dst` in pod `uid`: refused under
+/// STRICT mTLS, else authorized without an identity. Pods outside the mesh file have no
+/// policies.
+fn plaintext_allowed(
+    mesh: &MeshWatch,
+    uid: &PodUid,
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> Result<(), String> {
+    let mesh = mesh.current();
+    let Some((workload, _)) = mesh.workload(uid.as_str()) else {
+        return Ok(());
+    };
+    let target = target_of(workload);
+    let mtls = mesh.policies.mtls(&target, dst.port());
+    if mtls.mode == MtlsMode::Strict {
+        return Err(format!("{} (PeerAuthentication STRICT)", mtls.policy));
+    }
+    let connection = Connection {
+        source_ip: src.ip(),
+        source: None,
+        destination_ip: dst.ip(),
+        destination_port: dst.port(),
+    };
+    match mesh.policies.authorize(&target, &connection) {
+        Verdict::Allow => Ok(()),
+        Verdict::Deny { policy } => Err(policy),
+    }
+}
+
+/// Resolves once a policy change denies a live plaintext connection.
+async fn plaintext_revoked(
+    mesh: &MeshWatch,
+    uid: &PodUid,
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> String {
+    let mut changes = mesh.changes();
+    loop {
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if let Err(policy) = plaintext_allowed(mesh, uid, src, dst) {
+            return policy;
+        }
+    }
+}
+
+/// Closes a client connection with a reset (SO_LINGER 0): a denied client sees "connection
+/// reset", as with Istio (curl exit 56), never a clean close that could pass for an answer.
+fn reset(client: TcpStream) {
+    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+    drop(client);
 }
 
 fn destination(client: &TcpStream, direction: Direction) -> std::io::Result<SocketAddr> {

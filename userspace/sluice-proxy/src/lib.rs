@@ -3,6 +3,7 @@
 //!
 //! - [`inpod`]: one enrolled pod's listeners and connections;
 //! - [`hbone`], [`pool`], [`tls`], [`ca`], [`identity`]: mutual-TLS HTTP/2 tunnels between proxies;
+//! - [`mesh`], [`route`], [`policy`]: the mesh file, routing, and authorization / PeerAuthentication;
 //! - [`socket`], [`copy`], [`stats`]: sockets in a pod's netns, byte moving, counters.
 
 pub mod ca;
@@ -11,6 +12,7 @@ pub mod hbone;
 pub mod identity;
 pub mod inpod;
 pub mod mesh;
+pub mod policy;
 pub mod pool;
 pub mod route;
 pub mod socket;

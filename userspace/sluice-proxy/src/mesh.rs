@@ -29,6 +29,7 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::identity::Identity;
+use crate::policy::Policies;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 pub enum Protocol {
@@ -54,6 +55,9 @@ pub struct Workload {
     #[serde(default)]
     pub node: String,
     pub protocol: Protocol,
+    /// The pod's labels: what policy selectors match.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -76,10 +80,8 @@ struct File {
     workloads: Vec<Workload>,
     #[serde(default)]
     services: Vec<Service>,
-    /// Authorization and PeerAuthentication objects: read by the policy issue; kept as YAML
-    /// here so a file written for it already loads.
+    /// Istio `AuthorizationPolicy` and `PeerAuthentication` objects, as in Kubernetes.
     #[serde(default)]
-    #[allow(dead_code, reason = "accepted now, read by the policy issue")]
     policies: Vec<serde_yaml::Value>,
 }
 
@@ -109,6 +111,9 @@ pub struct Mesh {
     by_ip: HashMap<IpAddr, usize>,
     services: Vec<Service>,
     by_vip: HashMap<SocketAddr, (usize, u16)>,
+    pub policies: Policies,
+    /// Problems with policy objects (unreadable ones fail closed), reported at load.
+    pub policy_warnings: Vec<String>,
 }
 
 impl Mesh {
@@ -120,8 +125,11 @@ impl Mesh {
         };
         // serde_yaml's messages end with "at line L column C".
         let file: File = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let (policies, policy_warnings) = Policies::read(&file.policies);
         let mut mesh = Mesh {
             trust_domain: file.trust_domain.clone(),
+            policies,
+            policy_warnings,
             ..Mesh::default()
         };
         for (i, w) in file.workloads.into_iter().enumerate() {
@@ -242,6 +250,15 @@ pub struct MeshWatch {
     /// The file's (mtime, size) when the current mesh was read: taken before reading, so a
     /// change racing the read is seen as a change on the next poll, never missed.
     loaded_stamp: Option<(SystemTime, u64)>,
+    /// Bumped on every reload: live connections re-check their authorization on it.
+    version: tokio::sync::watch::Sender<u64>,
+}
+
+/// Logs what the mesh's policies made of their objects.
+fn report(mesh: &Mesh) {
+    for warning in &mesh.policy_warnings {
+        warn!(warning = %warning, "policy");
+    }
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
@@ -255,11 +272,18 @@ impl MeshWatch {
         let loaded_stamp = stamp(path);
         let mesh = Mesh::load(path)?;
         info!(path = %path.display(), workloads = mesh.workloads(), "mesh loaded");
+        report(&mesh);
         Ok(Arc::new(Self {
             current: RwLock::new(Arc::new(mesh)),
             path: path.to_path_buf(),
             loaded_stamp,
+            version: tokio::sync::watch::Sender::new(0),
         }))
+    }
+
+    /// Changes whenever a new mesh is in force.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     pub fn current(&self) -> Arc<Mesh> {
@@ -288,10 +312,12 @@ impl MeshWatch {
                 match Mesh::load(&path) {
                     Ok(mesh) => {
                         info!(path = %path.display(), workloads = mesh.workloads(), "mesh reloaded");
+                        report(&mesh);
                         *watch
                             .current
                             .write()
                             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(mesh);
+                        watch.version.send_modify(|v| *v += 1);
                     }
                     Err(e) => warn!(error = %e, "mesh file refused; keeping the last good mesh"),
                 }

@@ -18,6 +18,10 @@ pub struct Stats {
     pub tunnelled: AtomicU64,
     /// HBONE tunnels that could not be opened (handshake, identity, or the peer's status).
     pub tunnel_failed: AtomicU64,
+    /// Connections reset by policy: plaintext refused by STRICT mTLS or denied by an
+    /// AuthorizationPolicy here, outbound ones the destination answered 401, and live ones a
+    /// policy change denied.
+    pub denied: AtomicU64,
 }
 
 impl Stats {
@@ -37,7 +41,7 @@ impl Stats {
         }
     }
 
-    pub fn snapshot(&self) -> [(&'static str, u64); 10] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 11] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("accepted", get(&self.accepted)),
@@ -53,6 +57,7 @@ impl Stats {
             ("copy_failed", get(&self.copy_failed)),
             ("tunnelled", get(&self.tunnelled)),
             ("tunnel_failed", get(&self.tunnel_failed)),
+            ("denied", get(&self.denied)),
         ]
     }
 }

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::hash::Hasher;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use sluice_proxy::ca::Ca;
 use sluice_proxy::hbone::{self, Inbound, OpenError, ServerStats};
 use sluice_proxy::identity::Identity;
+use sluice_proxy::policy::{Connection, Policies, Target, Verdict};
 use sluice_proxy::pool::{BoxFuture, Pool, PoolError, PoolKey, TcpConnect, TlsDialer};
 use sluice_proxy::tls::CertStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -55,12 +56,55 @@ fn store(dir: &TempDir) -> Arc<CertStore> {
     CertStore::new(ca, Duration::from_secs(3600)).unwrap()
 }
 
-/// Every address on 127.0.0.0/8 is "a workload on this node".
-struct Loopback;
+/// Every address on 127.0.0.0/8 is "a workload on this node", in namespace `default` with no
+/// labels, under the real policy engine (no policies: everything is allowed).
+#[derive(Default)]
+struct Loopback {
+    policies: std::sync::RwLock<Policies>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Loopback {
+    /// Puts new policy objects in force, as a mesh reload does.
+    fn set_policies(&self, yaml: &str) {
+        let objects: Vec<serde_yaml::Value> = serde_yaml::from_str(yaml).unwrap();
+        let (policies, warnings) = Policies::read(&objects);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        *self.policies.write().unwrap() = policies;
+        self.changes.send_modify(|v| *v += 1);
+    }
+}
 
 impl Inbound for Loopback {
     fn is_local(&self, addr: SocketAddr) -> bool {
         addr.ip().is_loopback()
+    }
+
+    fn authorize(&self, target: SocketAddr, peer: &Identity, source: IpAddr) -> Result<(), String> {
+        let labels = std::collections::BTreeMap::new();
+        let target_workload = Target {
+            namespace: "default",
+            labels: &labels,
+        };
+        let connection = Connection {
+            source_ip: source,
+            source: Some(peer),
+            destination_ip: target.ip(),
+            destination_port: target.port(),
+        };
+        match self
+            .policies
+            .read()
+            .unwrap()
+            .authorize(&target_workload, &connection)
+        {
+            Verdict::Allow => Ok(()),
+            Verdict::Deny { policy } => Err(policy),
+        }
+    }
+
+    fn policy_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.changes.subscribe())
     }
 
     fn connect(
@@ -108,6 +152,19 @@ async fn draining_server(
     Arc<ServerStats>,
     tokio::sync::watch::Sender<bool>,
 ) {
+    draining_server_with(store, local, Arc::new(Loopback::default())).await
+}
+
+/// As [`draining_server`], serving `inbound` (whose policies the test changes).
+async fn draining_server_with(
+    store: &Arc<CertStore>,
+    local: &Identity,
+    inbound: Arc<Loopback>,
+) -> (
+    SocketAddr,
+    Arc<ServerStats>,
+    tokio::sync::watch::Sender<bool>,
+) {
     let (drain, draining) = tokio::sync::watch::channel(false);
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -115,7 +172,6 @@ async fn draining_server(
     let stats = Arc::new(ServerStats::default());
     let server_stats = stats.clone();
     tokio::spawn(async move {
-        let inbound = Arc::new(Loopback);
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
@@ -652,4 +708,66 @@ async fn wait_for(cond: impl Fn() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+const ONLY_SLEEP: &str = r#"
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: only-sleep, namespace: default}
+  spec:
+    rules: [{from: [{source: {principals: ["cluster.local/ns/default/sa/sleep"]}}]}]
+"#;
+
+const DENY_SLEEP: &str = r#"
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: deny-sleep, namespace: default}
+  spec:
+    action: DENY
+    rules: [{from: [{source: {principals: ["*/sa/sleep"]}}]}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_peer_gets_401_and_a_policy_change_closes_its_live_tunnel() {
+    let dir = TempDir::new("policy");
+    let store = store(&dir);
+    let app = echo_app().await;
+    let inbound = Arc::new(Loopback::default());
+    inbound.set_policies(ONLY_SLEEP);
+    let (server, stats, _drain) =
+        draining_server_with(&store, &id("productpage"), inbound.clone()).await;
+    let pool = pool(&store, Duration::from_secs(30));
+
+    let tunnel = pool
+        .open(&key("sleep", "productpage", server), app, client_addr())
+        .await
+        .unwrap();
+    let Err(denied) = pool
+        .open(&key("notsleep", "productpage", server), app, client_addr())
+        .await
+    else {
+        panic!("notsleep must be refused")
+    };
+    assert!(
+        matches!(denied, PoolError::Open(OpenError::Status(s)) if s == http::StatusCode::UNAUTHORIZED),
+        "{denied}"
+    );
+    assert_eq!(stats.denied.load(Ordering::Relaxed), 1);
+
+    // The live tunnel of sleep works, until a policy change denies it.
+    let (mut reader, mut writer) = tokio::io::split(tunnel);
+    writer.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    reader.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    inbound.set_policies(DENY_SLEEP);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(WAIT, reader.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the revoked tunnel must close");
+    wait_for(|| stats.denied.load(Ordering::Relaxed) == 2).await;
+    // New tunnels of sleep are refused now.
+    let again = pool
+        .open(&key("sleep", "productpage", server), app, client_addr())
+        .await;
+    assert!(again.is_err(), "sleep is denied after the change");
 }

@@ -9,6 +9,7 @@ mod bpf;
 mod capture;
 mod cleanup;
 mod mesh;
+mod policy;
 mod zds;
 
 /// Fails loudly (never skips) when the tests cannot do their job.
@@ -53,6 +54,11 @@ mod hbone {
         captured_clients_reach_meshed_pods_through_hbone,
         a_terminated_proxy_drains_then_exits,
     );
+}
+
+/// Authorization and PeerAuthentication at the destination proxy, across two nodes.
+mod authz {
+    for_both_backends!(policy: authorization_and_peer_authentication_are_enforced_at_the_destination);
 }
 
 /// The proxy driven over ZDS by the test acting as the agent.
