@@ -9,8 +9,8 @@
 //! starts the sandbox's "pause" process. Everything is removed on drop.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -582,23 +582,11 @@ impl AgentLab {
 
     /// `GET /readyz` on the agent: (status code, body).
     pub fn readyz(&self) -> Result<(u16, String)> {
-        let addr = self.health.context("the agent has not started")?;
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        stream.write_all(b"GET /readyz HTTP/1.1\r\nhost: agent\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("not an HTTP response: {response:?}"))?;
-        let body = response
-            .split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or_default()
-            .to_owned();
-        Ok((status, body))
+        crate::daemon::http(
+            self.health.context("the agent has not started")?,
+            "GET",
+            "/readyz",
+        )
     }
 
     /// Waits (bounded) for `/readyz` to answer `status`.

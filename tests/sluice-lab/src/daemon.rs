@@ -137,3 +137,26 @@ impl Daemon {
             .context("log line vanished")
     }
 }
+
+/// One HTTP/1.1 request to a sluice endpoint (bounded by `WAIT`): (status, body).
+pub fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, WAIT)?;
+    stream.set_read_timeout(Some(WAIT))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nhost: sluice\r\ncontent-length: 0\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("not an HTTP response from {addr}: {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}

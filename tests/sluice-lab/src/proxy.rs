@@ -50,6 +50,15 @@ impl ProxyProcess {
             .arg(cgroup)
             .arg("--pin-root")
             .arg(pin_root)
+            // Many proxies share the test's netns: each takes free ports for its endpoints.
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--readiness-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .env(
                 "RUST_LOG",
@@ -62,5 +71,20 @@ impl ProxyProcess {
             "SLUICE_LAB_ECHO_PROXY",
         )?;
         Ok(Self { daemon })
+    }
+
+    /// An endpoint's address (`metrics`, `readiness`, `admin`) from the ready line.
+    pub fn endpoint(&self, name: &str) -> Result<std::net::SocketAddr> {
+        let prefix = format!("{name}=");
+        self.ready_line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(prefix.as_str()))
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no {name} address in {:?}", self.ready_line))
+    }
+
+    /// `GET path` on an endpoint: (status, body).
+    pub fn get(&self, endpoint: &str, path: &str) -> Result<(u16, String)> {
+        crate::daemon::http(self.endpoint(endpoint)?, "GET", path)
     }
 }

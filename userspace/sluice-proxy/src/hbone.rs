@@ -203,6 +203,17 @@ pub trait Inbound: Send + Sync + 'static {
     /// Changes whenever the policies may have changed: open tunnels are authorized again then,
     /// and closed if no longer allowed.
     fn policy_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>>;
+    /// A tunnel from `peer` (at `source`) to `target` was established, and later ended with
+    /// `from_client` / `to_client` bytes: for metrics.
+    fn tunnel_opened(&self, target: SocketAddr, peer: &Identity, source: IpAddr);
+    fn tunnel_closed(
+        &self,
+        target: SocketAddr,
+        peer: &Identity,
+        source: IpAddr,
+        from_client: u64,
+        to_client: u64,
+    );
     /// Connects to the app at `target` on behalf of `peer`.
     fn connect(
         &self,
@@ -396,16 +407,20 @@ async fn serve_stream<I: Inbound>(
         }
     };
     stats.tunnelled.fetch_add(1, Ordering::Relaxed);
+    inbound.tunnel_opened(target, &peer, source);
     let mut tunnel = H2Stream::new(send, request.into_body());
     let _ = upstream.set_nodelay(true);
     let copied = tokio::select! {
         copied = copy(&mut tunnel, &mut upstream) => copied,
         policy = revoked(&*inbound, target, &peer, source) => {
             stats.denied.fetch_add(1, Ordering::Relaxed);
+            inbound.tunnel_closed(target, &peer, source, 0, 0);
             info!(target: "access", peer = %peer, src = %source, dst = %target, policy, "tunnel closed: a policy change denies it");
             return;
         }
     };
+    let (from_client, to_client) = copied.as_ref().map_or((0, 0), |c| *c);
+    inbound.tunnel_closed(target, &peer, source, from_client, to_client);
     match copied {
         Ok((from_client, to_client)) => {
             stats.bytes_in.fetch_add(from_client, Ordering::Relaxed);

@@ -29,6 +29,7 @@ use crate::copy::{self, CopyMode};
 use crate::hbone::{self, OpenError, ServerStats};
 use crate::identity::Identity;
 use crate::mesh::{MeshWatch, Protocol};
+use crate::metrics::{Labels, UNKNOWN};
 use crate::policy::{Connection, MtlsMode, Target, Verdict};
 use crate::pool::{BoxFuture, Pool, PoolError, PoolKey, TcpConnect, TlsDialer};
 use crate::route::{Balancer, Hop};
@@ -66,6 +67,31 @@ struct PodInbound {
     uid: PodUid,
     netns: Arc<Netns>,
     mesh: Arc<MeshWatch>,
+    stats: Arc<Stats>,
+}
+
+impl PodInbound {
+    /// Istio's labels for a tunnel into this pod, reported by its (destination) proxy.
+    fn labels(&self, peer: &Identity, source: IpAddr) -> Labels {
+        let mesh = self.mesh.current();
+        let mut labels = Labels::new("destination", "mutual_tls");
+        labels.source_principal = peer.to_string();
+        labels.source_workload_namespace = peer.namespace.clone();
+        if let Some((w, _)) = mesh.workload_at(source) {
+            labels.source_workload = w.name.clone();
+        }
+        set_destination(&mut labels, &mesh, self.uid.as_str());
+        labels
+    }
+}
+
+/// Fills the destination labels with workload `uid` of `mesh`.
+fn set_destination(labels: &mut Labels, mesh: &crate::mesh::Mesh, uid: &str) {
+    if let Some((w, id)) = mesh.workload(uid) {
+        labels.destination_workload = w.name.clone();
+        labels.destination_workload_namespace = w.namespace.clone();
+        labels.destination_principal = id.to_string();
+    }
 }
 
 impl hbone::Inbound for PodInbound {
@@ -95,6 +121,23 @@ impl hbone::Inbound for PodInbound {
 
     fn policy_changes(&self) -> Option<watch::Receiver<u64>> {
         Some(self.mesh.changes())
+    }
+
+    fn tunnel_opened(&self, _target: SocketAddr, peer: &Identity, source: IpAddr) {
+        self.stats.tcp.opened(&self.labels(peer, source));
+    }
+
+    fn tunnel_closed(
+        &self,
+        _target: SocketAddr,
+        peer: &Identity,
+        source: IpAddr,
+        from_client: u64,
+        to_client: u64,
+    ) {
+        self.stats
+            .tcp
+            .closed(&self.labels(peer, source), from_client, to_client);
     }
 
     fn connect(
@@ -215,6 +258,7 @@ impl PodProxy {
                             uid: uid.clone(),
                             netns: netns.clone(),
                             mesh: shared.mesh.clone(),
+                            stats: stats.clone(),
                         });
                         accept_loops.spawn(hbone_accept_loop(
                             hbone,
@@ -456,11 +500,14 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
             return;
         }
     };
+    let labels = plaintext_labels(direction, ctx, source);
+    stats.tcp.opened(&labels);
     let result = match policy {
         Some((shared, src)) => tokio::select! {
             result = copy::bidirectional(ctx.copy, &mut client, &mut upstream) => result,
             policy = plaintext_revoked(&shared.mesh, &ctx.uid, src, dst) => {
                 Stats::incr(&stats.denied);
+                stats.tcp.closed(&labels, 0, 0);
                 info!(target: "access", dst = %dst, policy, "connection closed: a policy change denies it");
                 reset(client);
                 return;
@@ -470,6 +517,8 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
     };
     let duration_ms = started.elapsed().as_millis() as u64;
     stats.count_copy(&result);
+    let (to_server, to_client) = result.as_ref().map_or((0, 0), |c| *c);
+    stats.tcp.closed(&labels, to_server, to_client);
     match result {
         Ok((sent, received)) => {
             info!(target: "access", dst = %dst, bytes_sent = sent, bytes_received = received, duration_ms, "connection closed");
@@ -496,6 +545,7 @@ async fn serve_outbound_mesh(
     let source = client.peer_addr().map(canonical).unwrap_or(dst);
     for Hop { target, via } in &plan.hops {
         let (target, via) = (*target, via.as_ref());
+        let labels = outbound_labels(&mesh, ctx, target, via, plan.service.as_deref());
         let result = match (via, &ctx.pod_mesh) {
             (Some(dst_identity), Some(pod)) => {
                 let key = PoolKey {
@@ -506,6 +556,7 @@ async fn serve_outbound_mesh(
                 match pod.pool.open(&key, target, source).await {
                     Ok(mut tunnel) => {
                         Stats::incr(&stats.tunnelled);
+                        stats.tcp.opened(&labels);
                         let copied = hbone::copy(&mut tunnel, &mut client)
                             .await
                             .map(|(from_tunnel, to_tunnel)| (to_tunnel, from_tunnel));
@@ -525,6 +576,7 @@ async fn serve_outbound_mesh(
             }
             _ => match socket::connect_in(&ctx.netns, target).await {
                 Ok(mut upstream) => {
+                    stats.tcp.opened(&labels);
                     let copied = copy::bidirectional(ctx.copy, &mut client, &mut upstream).await;
                     Ok((copied, None))
                 }
@@ -549,6 +601,8 @@ async fn serve_outbound_mesh(
         let peer_identity = peer_identity.map(ToString::to_string);
         let service = plan.service.as_deref();
         stats.count_copy(&copied);
+        let (to_server, to_client) = copied.as_ref().map_or((0, 0), |c| *c);
+        stats.tcp.closed(&labels, to_server, to_client);
         match copied {
             Ok((sent, received)) => {
                 info!(target: "access", dst = %dst, upstream = %target, service, identity, peer_identity, hbone = peer_identity.is_some(), bytes_sent = sent, bytes_received = received, duration_ms, "connection closed");
@@ -560,6 +614,25 @@ async fn serve_outbound_mesh(
         return;
     }
     info!(target: "access", dst = %dst, service = plan.service.as_deref(), "connection refused: no upstream reachable");
+}
+
+/// Istio's labels for a plaintext connection: inbound ones are reported by this (destination)
+/// proxy with the pod as destination; outbound ones without a mesh know no workloads.
+fn plaintext_labels(direction: Direction, ctx: &PodContext, source: Option<SocketAddr>) -> Labels {
+    let reporter = match direction {
+        Direction::Inbound => "destination",
+        Direction::Outbound => "source",
+    };
+    let mut labels = Labels::new(reporter, "none");
+    if let (Some(shared), Direction::Inbound) = (&ctx.mesh, direction) {
+        let mesh = shared.mesh.current();
+        set_destination(&mut labels, &mesh, ctx.uid.as_str());
+        if let Some((w, _)) = source.and_then(|s| mesh.workload_at(s.ip())) {
+            labels.source_workload = w.name.clone();
+            labels.source_workload_namespace = w.namespace.clone();
+        }
+    }
+    labels
 }
 
 /// The policy view of a workload.
@@ -623,6 +696,30 @@ async fn plaintext_revoked(
 fn reset(client: TcpStream) {
     let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
     drop(client);
+}
+
+/// Istio's labels for an outbound connection of this pod, reported by its (source) proxy.
+fn outbound_labels(
+    mesh: &crate::mesh::Mesh,
+    ctx: &PodContext,
+    target: SocketAddr,
+    via: Option<&Identity>,
+    service: Option<&str>,
+) -> Labels {
+    let security = if via.is_some() { "mutual_tls" } else { "none" };
+    let mut labels = Labels::new("source", security);
+    if let Some((w, id)) = mesh.workload(ctx.uid.as_str()) {
+        labels.source_workload = w.name.clone();
+        labels.source_workload_namespace = w.namespace.clone();
+        labels.source_principal = id.to_string();
+    }
+    if let Some((w, _)) = mesh.workload_at(target.ip()) {
+        labels.destination_workload = w.name.clone();
+        labels.destination_workload_namespace = w.namespace.clone();
+    }
+    labels.destination_principal = via.map_or_else(|| UNKNOWN.to_owned(), ToString::to_string);
+    labels.destination_service = service.unwrap_or(UNKNOWN).to_owned();
+    labels
 }
 
 fn destination(client: &TcpStream, direction: Direction) -> std::io::Result<SocketAddr> {

@@ -6,12 +6,14 @@
 //! - [`mesh`], [`route`], [`policy`]: the mesh file, routing, and authorization / PeerAuthentication;
 //! - [`socket`], [`copy`], [`stats`]: sockets in a pod's netns, byte moving, counters.
 
+pub mod admin;
 pub mod ca;
 pub mod copy;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
 pub mod mesh;
+pub mod metrics;
 pub mod policy;
 pub mod pool;
 pub mod route;

@@ -13,6 +13,7 @@ use sluice_capture::netns::Netns;
 use sluice_capture::{DEFAULT_PIN_ROOT, PodUid};
 use tracing::{info, warn};
 
+use sluice_proxy::admin::{self, Endpoints, Port, Readiness};
 use sluice_proxy::copy::CopyMode;
 use sluice_proxy::hbone::ServerStats;
 use sluice_proxy::inpod::{MeshContext, PodProxy};
@@ -73,6 +74,18 @@ struct Args {
     #[arg(long, default_value = "10s", value_parser = parse_drain, env = "SLUICE_DRAIN_TIMEOUT")]
     drain_timeout: std::time::Duration,
 
+    /// Prometheus metrics (`/metrics`), Istio's port.
+    #[arg(long, default_value = "0.0.0.0:15020", env = "SLUICE_METRICS_ADDR")]
+    metrics_addr: std::net::SocketAddr,
+
+    /// Readiness (`/healthz/ready`), Istio's port.
+    #[arg(long, default_value = "0.0.0.0:15021", env = "SLUICE_READINESS_ADDR")]
+    readiness_addr: std::net::SocketAddr,
+
+    /// Admin (`/config_dump`, `POST /logging?level=`); loopback only.
+    #[arg(long, default_value = "127.0.0.1:15000", env = "SLUICE_ADMIN_ADDR")]
+    admin_addr: std::net::SocketAddr,
+
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SLUICE_LOG_JSON")]
     log_json: bool,
@@ -126,7 +139,7 @@ fn parse_duration(arg: &str) -> Result<std::time::Duration, String> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let _log_guard = init_logging(args.log_json);
+    let (_log_guard, set_log_level) = init_logging(args.log_json);
     if args.init_ca {
         let dir = args.ca_dir.as_deref().context("--init-ca needs --ca-dir")?;
         sluice_proxy::ca::Ca::create(dir)?;
@@ -146,10 +159,10 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(args))
+    runtime.block_on(run(args, set_log_level))
 }
 
-async fn run(args: Args) -> Result<()> {
+async fn run(args: Args, set_log_level: admin::SetLogLevel) -> Result<()> {
     let stats = Arc::new(Stats::default());
     let mesh = match &args.mesh_config {
         Some(path) => {
@@ -170,6 +183,30 @@ async fn run(args: Args) -> Result<()> {
         }
         None => None,
     };
+    let readiness = Arc::new(Readiness::default());
+    let served = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let endpoints = Arc::new(Endpoints {
+        stats: stats.clone(),
+        mesh: mesh.clone(),
+        pin_root: args.pin_root.clone(),
+        readiness: readiness.clone(),
+        served: served.clone(),
+        set_log_level,
+    });
+    let mut bound = Vec::new();
+    for (addr, port) in [
+        (args.metrics_addr, Port::Metrics),
+        (args.readiness_addr, Port::Readiness),
+        (args.admin_addr, Port::Admin),
+    ] {
+        let listener = admin::bind(addr, port).await?;
+        bound.push(listener.local_addr()?);
+        endpoints.serve(listener, port);
+    }
+    let endpoints_line = format!(
+        "metrics={} readiness={} admin={}",
+        bound[0], bound[1], bound[2]
+    );
     let mut sockets = InboundSocketMap::open(&args.pin_root)?;
     let mut pods: HashMap<PodUid, PodProxy> = HashMap::new();
     for (uid, netns_path) in &args.pods {
@@ -193,7 +230,7 @@ async fn run(args: Args) -> Result<()> {
             // Ready once the agent is reached: its snapshot follows.
             connections.recv().await;
             println!(
-                "sluice-proxy ready pods={} zds={}",
+                "sluice-proxy ready pods={} zds={} {endpoints_line}",
                 pods.len(),
                 path.display()
             );
@@ -202,8 +239,10 @@ async fn run(args: Args) -> Result<()> {
             bail!("no pods to serve; pass --pod UID=NETNS_PATH or --zds-socket PATH")
         }
         // Tests and scripts wait for this line: every pod's listeners are up.
-        None => println!("sluice-proxy ready pods={}", pods.len()),
+        None => println!("sluice-proxy ready pods={} {endpoints_line}", pods.len()),
     }
+    set_served(&served, &pods);
+    readiness.started();
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -211,12 +250,14 @@ async fn run(args: Args) -> Result<()> {
         tokio::select! {
             () = &mut shutdown => break,
             Some(command) = requests.recv() => {
-                let ctx = (&mut sockets, args.copy, &stats, &mesh);
+                let ctx = (&mut sockets, args.copy, &stats, &mesh, &*readiness);
                 handle(command, &mut pods, ctx);
+                set_served(&served, &pods);
             }
             Some(()) = connections.recv() => info!("reconnected to the agent; awaiting its snapshot"),
         }
     }
+    readiness.draining();
     // Drain every pod at once, all within one bound.
     for pod in pods.values_mut() {
         pod.begin_drain(sockets.as_mut());
@@ -248,11 +289,23 @@ type PodEnv<'a> = (
     CopyMode,
     &'a Arc<Stats>,
     &'a Option<Arc<MeshContext>>,
+    &'a Readiness,
 );
+
+/// What the config dump lists as served.
+fn set_served(
+    served: &std::sync::Mutex<std::collections::BTreeSet<String>>,
+    pods: &HashMap<PodUid, PodProxy>,
+) {
+    let mut served = served
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *served = pods.keys().map(ToString::to_string).collect();
+}
 
 /// Carries out one hand-off request; its result becomes the ack.
 fn handle(command: zds::Command, pods: &mut HashMap<PodUid, PodProxy>, env: PodEnv<'_>) {
-    let (sockets, copy, stats, mesh) = env;
+    let (sockets, copy, stats, mesh, readiness) = env;
     match command {
         zds::Command::Add { uid, netns, reply } => {
             let same = match (pods.get(&uid), netns.inode()) {
@@ -282,6 +335,7 @@ fn handle(command: zds::Command, pods: &mut HashMap<PodUid, PodProxy>, env: PodE
             if let Err(e) = &result {
                 warn!(pod = %uid, error = %e, "could not serve the pod");
             }
+            readiness.pod(uid.as_str(), result.is_ok());
             let _ = reply.send(result);
         }
         zds::Command::Del { uid, reply } => {
@@ -289,9 +343,11 @@ fn handle(command: zds::Command, pods: &mut HashMap<PodUid, PodProxy>, env: PodE
                 info!(pod = %uid, "removed by the agent");
                 pod.stop(sockets.as_mut());
             }
+            readiness.pod(uid.as_str(), true);
             let _ = reply.send(Ok(()));
         }
         zds::Command::Snapshot { keep, reply } => {
+            readiness.keep_only(&keep.iter().map(ToString::to_string).collect());
             let gone: Vec<PodUid> = pods.keys().filter(|u| !keep.contains(u)).cloned().collect();
             for uid in gone {
                 if let Some(pod) = pods.remove(&uid) {
@@ -342,19 +398,46 @@ fn raise_nofile_limit() {
     }
 }
 
-/// Logs go through a non-blocking writer so a slow stderr never stalls the data path.
-fn init_logging(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
-    use tracing_subscriber::EnvFilter;
+/// Logs go through a non-blocking writer so a slow stderr never stalls the data path. The
+/// filter can be changed at runtime through the admin endpoint.
+fn init_logging(
+    json: bool,
+) -> (
+    tracing_appender::non_blocking::WorkerGuard,
+    admin::SetLogLevel,
+) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, fmt, reload};
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(false);
+    let (filter, handle) = reload::Layer::new(filter);
+    let layer = fmt::layer().with_writer(writer).with_ansi(false);
+    let registry = tracing_subscriber::registry().with(filter);
     if json {
-        builder.json().init();
+        registry.with(layer.json()).init();
     } else {
-        builder.init();
+        registry.with(layer).init();
     }
-    guard
+    let set: admin::SetLogLevel = Arc::new(move |level: &str| {
+        // EnvFilter takes almost anything as a target name; accept only `level` or
+        // `target=level` directives, so a typo is an error rather than a silent no-op.
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        let valid = |d: &str| {
+            let (target, lvl) = d.rsplit_once('=').unwrap_or(("", d));
+            LEVELS.contains(&lvl)
+                && target
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
+        };
+        if level.is_empty() || !level.split(',').all(valid) {
+            return Err(format!(
+                "invalid level {level:?}: use trace, debug, info, warn, error or off, optionally as target=level, comma-separated"
+            ));
+        }
+        let filter =
+            EnvFilter::try_new(level).map_err(|e| format!("invalid level {level:?}: {e}"))?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    });
+    (guard, set)
 }

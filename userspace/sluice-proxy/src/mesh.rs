@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use crate::identity::Identity;
 use crate::policy::Policies;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub enum Protocol {
     /// Meshed: reached through an HBONE tunnel to its node's proxy.
     #[serde(rename = "HBONE")]
@@ -41,7 +41,7 @@ pub enum Protocol {
     Tcp,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Workload {
     pub uid: String,
@@ -60,7 +60,7 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Service {
     pub hostname: String,
@@ -225,6 +225,28 @@ impl Mesh {
             .map(|ip| SocketAddr::new(ip, target))
             .collect();
         Some((service, endpoints))
+    }
+
+    /// What the config dump shows of the mesh: workloads with their identities, services,
+    /// policies as enforced, and the problems found in policy objects.
+    pub fn describe(&self) -> serde_json::Value {
+        let workloads: Vec<serde_json::Value> = self
+            .workloads
+            .iter()
+            .zip(&self.identities)
+            .map(|(w, id)| {
+                let mut v = serde_json::to_value(w).unwrap_or_default();
+                v["identity"] = serde_json::Value::String(id.to_string());
+                v
+            })
+            .collect();
+        serde_json::json!({
+            "trustDomain": self.trust_domain,
+            "workloads": workloads,
+            "services": self.services,
+            "policies": self.policies.describe(),
+            "policyWarnings": self.policy_warnings,
+        })
     }
 
     pub fn workloads(&self) -> usize {

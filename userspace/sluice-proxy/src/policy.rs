@@ -300,6 +300,36 @@ impl Policies {
         (policies, warnings)
     }
 
+    /// What the config dump shows: each object as enforced.
+    pub fn describe(&self) -> serde_json::Value {
+        let scope = |s: &Scope| {
+            serde_json::json!({"namespace": s.namespace, "selector": s.selector,
+                               "meshWide": s.namespace == ROOT_NAMESPACE})
+        };
+        let authorization: Vec<serde_json::Value> = self
+            .authorization
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name, "scope": scope(&p.scope),
+                    "action": format!("{:?}", p.action).to_uppercase(),
+                    "rules": p.rules.len(), "brokenDeniesAll": p.broken,
+                })
+            })
+            .collect();
+        let peer: Vec<serde_json::Value> = self
+            .peer
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name, "scope": scope(&p.scope), "mode": format!("{:?}", p.mode).to_uppercase(),
+                    "portLevel": p.ports.iter().map(|(k, v)| (k.to_string(), format!("{v:?}").to_uppercase())).collect::<BTreeMap<_, _>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({"authorization": authorization, "peerAuthentication": peer})
+    }
+
     pub fn is_empty(&self) -> bool {
         self.authorization.is_empty() && self.peer.is_empty()
     }

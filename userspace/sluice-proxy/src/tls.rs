@@ -61,6 +61,17 @@ pub struct CertStore {
 struct Held {
     key: Arc<CertifiedKey>,
     renew_at: SystemTime,
+    not_after: SystemTime,
+}
+
+/// What the config dump shows of a held certificate (never the key).
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateInfo {
+    pub identity: String,
+    /// Seconds since the Unix epoch.
+    pub not_after: u64,
+    pub renew_at: u64,
 }
 
 impl CertStore {
@@ -107,9 +118,32 @@ impl CertStore {
             Held {
                 key: key.clone(),
                 renew_at,
+                not_after: issued.not_after,
             },
         );
         Ok(key)
+    }
+
+    /// The certificates held now, by identity.
+    pub fn certificates(&self) -> Vec<CertificateInfo> {
+        let unix = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        };
+        let certs = self
+            .certs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<CertificateInfo> = certs
+            .iter()
+            .map(|(identity, held)| CertificateInfo {
+                identity: identity.to_string(),
+                not_after: unix(held.not_after),
+                renew_at: unix(held.renew_at),
+            })
+            .collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
     }
 
     /// Client side of one HBONE connection: present `source`, accept only `expected`.

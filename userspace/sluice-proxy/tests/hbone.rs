@@ -107,6 +107,10 @@ impl Inbound for Loopback {
         Some(self.changes.subscribe())
     }
 
+    fn tunnel_opened(&self, _: SocketAddr, _: &Identity, _: IpAddr) {}
+
+    fn tunnel_closed(&self, _: SocketAddr, _: &Identity, _: IpAddr, _: u64, _: u64) {}
+
     fn connect(
         &self,
         target: SocketAddr,

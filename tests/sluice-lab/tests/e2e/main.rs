@@ -58,7 +58,10 @@ mod hbone {
 
 /// Authorization and PeerAuthentication at the destination proxy, across two nodes.
 mod authz {
-    for_both_backends!(policy: authorization_and_peer_authentication_are_enforced_at_the_destination);
+    for_both_backends!(policy:
+        authorization_and_peer_authentication_are_enforced_at_the_destination,
+        metrics_config_dump_and_readiness_show_what_the_proxy_does,
+    );
 }
 
 /// The proxy driven over ZDS by the test acting as the agent.

@@ -156,3 +156,158 @@ pub fn authorization_and_peer_authentication_are_enforced_at_the_destination(
     allowed(&cluster, "sleep", productpage)?;
     Ok(())
 }
+
+/// The sum of `metric`'s series whose labels include every one of `labels` (`k="v"`).
+fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Waits (bounded) until `check` holds on the proxy's metrics; returns the last scrape.
+fn scrape_until(cluster: &Cluster, proxy: usize, check: impl Fn(&str) -> bool) -> Result<String> {
+    let deadline = std::time::Instant::now() + sluice_lab::WAIT;
+    loop {
+        let (status, text) = cluster.proxies[proxy].get("metrics", "/metrics")?;
+        ensure!(status == 200, "metrics answered {status}");
+        if check(&text) || std::time::Instant::now() > deadline {
+            return Ok(text);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+pub fn metrics_config_dump_and_readiness_show_what_the_proxy_does(backend: Backend) -> Result<()> {
+    let cluster = Cluster::new(
+        backend,
+        &[
+            pod("sleep", 0, 2, true),
+            pod("legacy", 0, 9, false),
+            pod("productpage", 1, 2, true),
+        ],
+        &[],
+    )?;
+    let productpage = cluster.pod("productpage").addr(8080);
+    let _server = app::spawn_server(&cluster.pod("productpage").place_server(), &[productpage])?;
+    for proxy in &cluster.proxies {
+        let (status, body) = proxy.get("readiness", "/healthz/ready")?;
+        ensure!(status == 200, "readiness: {status} {body}");
+    }
+
+    // Known traffic: 3 tunnelled connections of 16 KiB each way (plus the server's greeting
+    // line back), and 1 plaintext one.
+    const BYTES: u64 = 16 * 1024;
+    let mut to_client = 0;
+    for _ in 0..3 {
+        let outcome = app::run_client(&cluster.pod("sleep").place(), productpage, BYTES)?;
+        ensure!(outcome.ok, "{outcome:?}");
+        to_client +=
+            BYTES + format!("peer={}\n", outcome.server_saw.unwrap_or_default()).len() as u64;
+    }
+    let plain = app::run_client(&cluster.pod("legacy").place_server(), productpage, BYTES)?;
+    ensure!(plain.ok, "{plain:?}");
+
+    let hbone = [
+        "source_workload=\"sleep\"",
+        "destination_workload=\"productpage\"",
+        "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    for (proxy, reporter) in [(1, "reporter=\"destination\""), (0, "reporter=\"source\"")] {
+        let mut labels = hbone.to_vec();
+        labels.push(reporter);
+        let text = scrape_until(&cluster, proxy, |t| {
+            metric(t, "istio_tcp_connections_closed_total", &labels) >= 3
+        })?;
+        let get = |name| metric(&text, name, &labels);
+        ensure!(
+            get("istio_tcp_connections_opened_total") == 3,
+            "opened ({reporter}):\n{text}"
+        );
+        ensure!(
+            get("istio_tcp_connections_closed_total") == 3,
+            "closed ({reporter}):\n{text}"
+        );
+        ensure!(
+            get("istio_tcp_received_bytes_total") == 3 * BYTES,
+            "received ({reporter}):\n{text}"
+        );
+        ensure!(
+            get("istio_tcp_sent_bytes_total") == to_client,
+            "sent ({reporter}): want {to_client}\n{text}"
+        );
+    }
+    let text = scrape_until(&cluster, 1, |t| {
+        metric(
+            t,
+            "istio_tcp_connections_closed_total",
+            &["connection_security_policy=\"none\""],
+        ) >= 1
+    })?;
+    let plain_labels = [
+        "reporter=\"destination\"",
+        "source_workload=\"legacy\"",
+        "source_principal=\"unknown\"",
+        "connection_security_policy=\"none\"",
+    ];
+    ensure!(
+        metric(&text, "istio_tcp_connections_opened_total", &plain_labels) == 1,
+        "{text}"
+    );
+    ensure!(
+        metric(&text, "istio_tcp_received_bytes_total", &plain_labels) == BYTES,
+        "{text}"
+    );
+    ensure!(
+        metric(
+            &text,
+            "sluice_hbone_server_total",
+            &["outcome=\"tunnelled\""]
+        ) == 3,
+        "{text}"
+    );
+    if backend == Backend::Ebpf {
+        ensure!(
+            metric(&text, "sluice_capture_verdicts_total", &[]) > 0,
+            "eBPF verdicts are exported: {text}"
+        );
+    }
+
+    // The config dump shows what is enforced, and certificates without keys.
+    let (status, dump) = cluster.proxies[1].get("admin", "/config_dump")?;
+    ensure!(status == 200, "config dump: {status}");
+    let dump: serde_json::Value = serde_json::from_str(&dump)?;
+    let uid = cluster.pod("productpage").uid.to_string();
+    ensure!(dump["pods"] == serde_json::json!([uid]), "{dump:#}");
+    ensure!(
+        dump["mesh"]["workloads"].as_array().is_some_and(|w| w
+            .iter()
+            .any(|w| w["identity"] == "spiffe://cluster.local/ns/default/sa/productpage")),
+        "{dump:#}"
+    );
+    let certs = dump["certificates"].as_array().cloned().unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    ensure!(
+        certs.iter().any(
+            |c| c["identity"] == "spiffe://cluster.local/ns/default/sa/productpage"
+                && c["notAfter"].as_u64().is_some_and(|t| t > now)
+        ),
+        "{dump:#}"
+    );
+    ensure!(
+        !dump.to_string().contains("PRIVATE KEY"),
+        "no key material in the dump"
+    );
+
+    // The log level changes at runtime; a bad one is refused.
+    let admin = cluster.proxies[1].endpoint("admin")?;
+    let (status, _) = sluice_lab::daemon::http(admin, "POST", "/logging?level=debug")?;
+    ensure!(status == 200, "set log level: {status}");
+    let (status, body) = sluice_lab::daemon::http(admin, "POST", "/logging?level=lou%20d")?;
+    ensure!(status == 400, "a bad level is refused: {status} {body}");
+    Ok(())
+}
