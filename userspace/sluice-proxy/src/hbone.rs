@@ -214,6 +214,8 @@ pub trait Inbound: Send + Sync + 'static {
         from_client: u64,
         to_client: u64,
     );
+    /// The identity of the workload behind this server, for the access log.
+    fn local_identity(&self) -> Option<String>;
     /// Connects to the app at `target` on behalf of `peer`.
     fn connect(
         &self,
@@ -408,6 +410,16 @@ async fn serve_stream<I: Inbound>(
     };
     stats.tunnelled.fetch_add(1, Ordering::Relaxed);
     inbound.tunnel_opened(target, &peer, source);
+    let access = crate::access::Access {
+        direction: "inbound",
+        src: source.to_string(),
+        dst: target.to_string(),
+        upstream: None,
+        src_identity: Some(peer.to_string()),
+        dst_identity: inbound.local_identity(),
+        hbone: true,
+        started: std::time::Instant::now(),
+    };
     let mut tunnel = H2Stream::new(send, request.into_body());
     let _ = upstream.set_nodelay(true);
     let copied = tokio::select! {
@@ -421,14 +433,11 @@ async fn serve_stream<I: Inbound>(
     };
     let (from_client, to_client) = copied.as_ref().map_or((0, 0), |c| *c);
     inbound.tunnel_closed(target, &peer, source, from_client, to_client);
-    match copied {
-        Ok((from_client, to_client)) => {
-            stats.bytes_in.fetch_add(from_client, Ordering::Relaxed);
-            stats.bytes_out.fetch_add(to_client, Ordering::Relaxed);
-            info!(target: "access", peer = %peer, dst = %target, bytes_received = from_client, bytes_sent = to_client, "tunnel closed");
-        }
-        Err(e) => info!(target: "access", peer = %peer, dst = %target, error = %e, "tunnel failed"),
+    if let Ok((from_client, to_client)) = &copied {
+        stats.bytes_in.fetch_add(*from_client, Ordering::Relaxed);
+        stats.bytes_out.fetch_add(*to_client, Ordering::Relaxed);
     }
+    access.closed(&copied);
 }
 
 /// Resolves once a policy change denies `peer` → `target`; never without policy changes.

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::access::Access;
 use crate::copy::{self, CopyMode};
 use crate::hbone::{self, OpenError, ServerStats};
 use crate::identity::Identity;
@@ -121,6 +122,12 @@ impl hbone::Inbound for PodInbound {
 
     fn policy_changes(&self) -> Option<watch::Receiver<u64>> {
         Some(self.mesh.changes())
+    }
+
+    fn local_identity(&self) -> Option<String> {
+        let mesh = self.mesh.current();
+        mesh.workload(self.uid.as_str())
+            .map(|(_, id)| id.to_string())
     }
 
     fn tunnel_opened(&self, _target: SocketAddr, peer: &Identity, source: IpAddr) {
@@ -515,18 +522,25 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
         },
         None => copy::bidirectional(ctx.copy, &mut client, &mut upstream).await,
     };
-    let duration_ms = started.elapsed().as_millis() as u64;
     stats.count_copy(&result);
     let (to_server, to_client) = result.as_ref().map_or((0, 0), |c| *c);
     stats.tcp.closed(&labels, to_server, to_client);
-    match result {
-        Ok((sent, received)) => {
-            info!(target: "access", dst = %dst, bytes_sent = sent, bytes_received = received, duration_ms, "connection closed");
-        }
-        Err(e) => {
-            info!(target: "access", dst = %dst, duration_ms, error = %e, "connection failed");
-        }
+    let own_identity = ctx.pod_mesh.as_ref().map(|p| p.identity.to_string());
+    let (src_identity, dst_identity) = match direction {
+        Direction::Inbound => (None, own_identity),
+        Direction::Outbound => (own_identity, None),
+    };
+    Access {
+        direction: direction.as_str(),
+        src: source.map_or_else(|| "-".to_owned(), |s| s.to_string()),
+        dst: dst.to_string(),
+        upstream: None,
+        src_identity,
+        dst_identity,
+        hbone: false,
+        started,
     }
+    .closed(&result);
 }
 
 /// Outbound with the mesh on: through HBONE to meshed workloads (same node or not), directly to
@@ -596,21 +610,20 @@ async fn serve_outbound_mesh(
                 continue;
             }
         };
-        let duration_ms = started.elapsed().as_millis() as u64;
-        let identity = ctx.pod_mesh.as_ref().map(|p| p.identity.to_string());
-        let peer_identity = peer_identity.map(ToString::to_string);
-        let service = plan.service.as_deref();
         stats.count_copy(&copied);
         let (to_server, to_client) = copied.as_ref().map_or((0, 0), |c| *c);
         stats.tcp.closed(&labels, to_server, to_client);
-        match copied {
-            Ok((sent, received)) => {
-                info!(target: "access", dst = %dst, upstream = %target, service, identity, peer_identity, hbone = peer_identity.is_some(), bytes_sent = sent, bytes_received = received, duration_ms, "connection closed");
-            }
-            Err(e) => {
-                info!(target: "access", dst = %dst, upstream = %target, service, identity, peer_identity, duration_ms, error = %e, "connection failed");
-            }
+        Access {
+            direction: "outbound",
+            src: source.to_string(),
+            dst: dst.to_string(),
+            upstream: (target != dst).then(|| target.to_string()),
+            src_identity: ctx.pod_mesh.as_ref().map(|p| p.identity.to_string()),
+            dst_identity: peer_identity.map(ToString::to_string),
+            hbone: peer_identity.is_some(),
+            started,
         }
+        .closed(&copied);
         return;
     }
     info!(target: "access", dst = %dst, service = plan.service.as_deref(), "connection refused: no upstream reachable");

@@ -6,6 +6,7 @@
 //! - [`mesh`], [`route`], [`policy`]: the mesh file, routing, and authorization / PeerAuthentication;
 //! - [`socket`], [`copy`], [`stats`]: sockets in a pod's netns, byte moving, counters.
 
+pub mod access;
 pub mod admin;
 pub mod ca;
 pub mod copy;

@@ -107,6 +107,10 @@ impl Inbound for Loopback {
         Some(self.changes.subscribe())
     }
 
+    fn local_identity(&self) -> Option<String> {
+        None
+    }
+
     fn tunnel_opened(&self, _: SocketAddr, _: &Identity, _: IpAddr) {}
 
     fn tunnel_closed(&self, _: SocketAddr, _: &Identity, _: IpAddr, _: u64, _: u64) {}

@@ -118,8 +118,14 @@ pub fn captured_clients_reach_meshed_pods_through_hbone(backend: Backend) -> Res
         &["connection closed", "hbone=true", &server_id("reviews")],
         1,
     )?;
-    proxy_b.wait_for_log_lines(&["tunnel closed", &server_id("sleep")], 5)?;
-    proxy_a.wait_for_log_lines(&["tunnel closed", &server_id("sleep")], 1)?;
+    let tunnel_from_sleep = [
+        "connection closed",
+        "direction=\"inbound\"",
+        "hbone=true",
+        &format!("src_identity={}", server_id("sleep")),
+    ];
+    proxy_b.wait_for_log_lines(&tunnel_from_sleep, 5)?;
+    proxy_a.wait_for_log_lines(&tunnel_from_sleep, 1)?;
 
     // What crossed the link between the nodes was TLS: 6 MiB went over it, none of it legible.
     ensure!(

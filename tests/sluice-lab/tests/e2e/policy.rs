@@ -275,6 +275,41 @@ pub fn metrics_config_dump_and_readiness_show_what_the_proxy_does(backend: Backe
         );
     }
 
+    // One access line per connection with both addresses and identities, bytes and duration.
+    let productpage_id = "dst_identity=spiffe://cluster.local/ns/default/sa/productpage";
+    let sent = format!("bytes_sent={BYTES}");
+    cluster.proxies[1].wait_for_log_lines(
+        &[
+            "connection closed",
+            "direction=\"inbound\"",
+            "hbone=true",
+            "src_identity=spiffe://cluster.local/ns/default/sa/sleep",
+            productpage_id,
+            &sent,
+            "duration_ms=",
+        ],
+        3,
+    )?;
+    cluster.proxies[1].wait_for_log(&[
+        "connection closed",
+        "direction=\"inbound\"",
+        "hbone=false",
+        "src_identity=-",
+        productpage_id,
+        &sent,
+    ])?;
+    cluster.proxies[0].wait_for_log_lines(
+        &[
+            "connection closed",
+            "direction=\"outbound\"",
+            "hbone=true",
+            "src_identity=spiffe://cluster.local/ns/default/sa/sleep",
+            productpage_id,
+            &format!("dst={productpage}"),
+        ],
+        3,
+    )?;
+
     // The config dump shows what is enforced, and certificates without keys.
     let (status, dump) = cluster.proxies[1].get("admin", "/config_dump")?;
     ensure!(status == 200, "config dump: {status}");
