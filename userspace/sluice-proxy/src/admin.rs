@@ -186,12 +186,21 @@ impl Endpoints {
             (Port::Metrics, "GET", "/metrics" | "/stats/prometheus") => {
                 Response::new("200 OK", "text/plain; version=0.0.4", self.metrics())
             }
-            (Port::Readiness, "GET", "/healthz/ready") => match self.readiness.check() {
-                Ok(()) => Response::text("200 OK", "ready\n"),
-                Err(why) => {
-                    Response::text("503 Service Unavailable", format!("not ready: {why}\n"))
+            (Port::Readiness, "GET", "/healthz/ready") => {
+                match self.readiness.check().and_then(|()| {
+                    match self.mesh.as_ref().map(|m| m.mesh.current()) {
+                        Some(mesh) if mesh.policies.pending().is_some() => {
+                            Err(mesh.policies.pending().unwrap_or_default().to_owned())
+                        }
+                        _ => Ok(()),
+                    }
+                }) {
+                    Ok(()) => Response::text("200 OK", "ready\n"),
+                    Err(why) => {
+                        Response::text("503 Service Unavailable", format!("not ready: {why}\n"))
+                    }
                 }
-            },
+            }
             (Port::Admin, "GET", "/config_dump") => {
                 Response::new("200 OK", "application/json", self.config_dump())
             }
@@ -253,6 +262,18 @@ impl Endpoints {
                 ],
             );
         }
+        counter_family(
+            &mut out,
+            "sluice_pool_handshakes_total",
+            "HBONE client connections set up (TLS + HTTP/2); one serves a burst of tunnels.",
+            "side",
+            &[(
+                "client",
+                self.stats
+                    .pool_handshakes
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )],
+        );
         // The eBPF programs' verdicts, when eBPF capture is pinned on this node.
         if let Ok(verdicts) = sluice_capture::ebpf::verdicts(&self.pin_root)
             && self.pin_root.join("maps").exists()

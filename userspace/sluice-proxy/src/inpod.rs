@@ -279,12 +279,13 @@ impl PodProxy {
                                 active: active.clone(),
                             },
                         ));
-                        let pool = Pool::new(
+                        let pool = Pool::counting_into(
                             TlsDialer {
                                 store: shared.certs.clone(),
                                 tcp: Arc::new(PodTcp(netns.clone())),
                             },
                             shared.idle_timeout,
+                            stats.pool_handshakes.clone(),
                         );
                         info!(pod = %uid, identity = %identity, "pod meshed: HBONE on {PORT_HBONE}");
                         Some(PodMesh {

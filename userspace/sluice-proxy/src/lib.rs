@@ -13,6 +13,7 @@ pub mod copy;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
+pub mod kube_policies;
 pub mod mesh;
 pub mod metrics;
 pub mod policy;

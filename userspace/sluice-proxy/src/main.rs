@@ -56,6 +56,12 @@ struct Args {
     #[arg(long, env = "SLUICE_MESH_CONFIG")]
     mesh_config: Option<PathBuf>,
 
+    /// Also take Istio's AuthorizationPolicy and PeerAuthentication objects from the Kubernetes
+    /// API (in-cluster service account or kubeconfig), next to the mesh file's. Until they are
+    /// listed, nothing is allowed.
+    #[arg(long, requires = "mesh_config", env = "SLUICE_KUBE_POLICIES")]
+    kube_policies: bool,
+
     /// The CA directory (root-cert.pem, root-key.pem, optional trust-bundle.pem); needed with
     /// --mesh-config.
     #[arg(long, env = "SLUICE_CA_DIR")]
@@ -173,6 +179,14 @@ async fn run(args: Args, set_log_level: admin::SetLogLevel) -> Result<()> {
             let ca = sluice_proxy::ca::Ca::load(ca_dir)?;
             let watch = MeshWatch::load(path)?;
             watch.spawn_reloader(std::time::Duration::from_millis(500));
+            if args.kube_policies {
+                let client = kube::Client::try_default().await.context(
+                    "--kube-policies: connect to the Kubernetes API server (no in-cluster service \
+                     account and no kubeconfig); drop the flag to use the mesh file's policies only",
+                )?;
+                watch.expect_external_policies();
+                tokio::spawn(sluice_proxy::kube_policies::run(client, watch.clone()));
+            }
             Some(Arc::new(MeshContext {
                 mesh: watch,
                 certs: CertStore::new(ca, args.cert_lifetime)?,

@@ -102,7 +102,7 @@ pub enum MeshError {
 }
 
 /// One consistent view of the mesh, indexed for the data path.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Mesh {
     pub trust_domain: String,
     workloads: Vec<Workload>,
@@ -114,6 +114,8 @@ pub struct Mesh {
     pub policies: Policies,
     /// Problems with policy objects (unreadable ones fail closed), reported at load.
     pub policy_warnings: Vec<String>,
+    /// The file's own policy objects, kept to combine with those from Kubernetes.
+    file_policies: Vec<serde_yaml::Value>,
 }
 
 impl Mesh {
@@ -130,6 +132,7 @@ impl Mesh {
             trust_domain: file.trust_domain.clone(),
             policies,
             policy_warnings,
+            file_policies: file.policies.clone(),
             ..Mesh::default()
         };
         for (i, w) in file.workloads.into_iter().enumerate() {
@@ -200,6 +203,21 @@ impl Mesh {
             source,
         })?;
         Self::parse(path, &text)
+    }
+
+    /// This mesh with the policies of the file and `external` (from Kubernetes) in force;
+    /// `None` for external means "not synced yet": then nothing is allowed (fail closed).
+    pub fn with_external(&self, external: Option<&[serde_yaml::Value]>) -> Mesh {
+        let mut mesh = self.clone();
+        let mut objects = self.file_policies.clone();
+        objects.extend_from_slice(external.unwrap_or_default());
+        let (mut policies, warnings) = Policies::read(&objects);
+        if external.is_none() {
+            policies.set_pending("policies from Kubernetes are not synced yet");
+        }
+        mesh.policies = policies;
+        mesh.policy_warnings = warnings;
+        mesh
     }
 
     pub fn workload(&self, uid: &str) -> Option<(&Workload, &Identity)> {
@@ -274,6 +292,9 @@ pub struct MeshWatch {
     loaded_stamp: Option<(SystemTime, u64)>,
     /// Bumped on every reload: live connections re-check their authorization on it.
     version: tokio::sync::watch::Sender<u64>,
+    /// Policy objects from Kubernetes: `None` without Kubernetes mode, `Some(None)` until the
+    /// first sync.
+    external: RwLock<Option<Option<Vec<serde_yaml::Value>>>>,
 }
 
 /// Logs what the mesh's policies made of their objects.
@@ -300,7 +321,55 @@ impl MeshWatch {
             path: path.to_path_buf(),
             loaded_stamp,
             version: tokio::sync::watch::Sender::new(0),
+            external: RwLock::new(None),
         }))
+    }
+
+    /// Kubernetes mode: policies also come from the cluster. Until the first
+    /// [`MeshWatch::set_external_policies`], nothing is allowed.
+    pub fn expect_external_policies(&self) {
+        *self
+            .external
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(None);
+        self.replace(|file_mesh| file_mesh.clone());
+    }
+
+    /// Puts the cluster's policy objects in force next to the file's.
+    pub fn set_external_policies(&self, objects: Vec<serde_yaml::Value>) {
+        *self
+            .external
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Some(objects));
+        self.replace(|mesh| mesh.clone());
+        let mesh = self.current();
+        info!(
+            authorization_and_peer_objects = mesh.policies.len(),
+            "policies from Kubernetes in force"
+        );
+        report(&mesh);
+    }
+
+    /// Makes `make(current)` the mesh in force, with the external policies applied, and tells
+    /// live connections.
+    fn replace(&self, make: impl FnOnce(&Mesh) -> Mesh) {
+        let external = self
+            .external
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let base = make(&current);
+        let mesh = match &external {
+            None => base,
+            Some(objects) => base.with_external(objects.as_deref()),
+        };
+        *current = Arc::new(mesh);
+        drop(current);
+        self.version.send_modify(|v| *v += 1);
     }
 
     /// Changes whenever a new mesh is in force.
@@ -333,13 +402,10 @@ impl MeshWatch {
                 seen = now;
                 match Mesh::load(&path) {
                     Ok(mesh) => {
+                        watch.replace(|_| mesh);
+                        let mesh = watch.current();
                         info!(path = %path.display(), workloads = mesh.workloads(), "mesh reloaded");
                         report(&mesh);
-                        *watch
-                            .current
-                            .write()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(mesh);
-                        watch.version.send_modify(|v| *v += 1);
                     }
                     Err(e) => warn!(error = %e, "mesh file refused; keeping the last good mesh"),
                 }

@@ -286,6 +286,9 @@ pub struct Mtls {
 pub struct Policies {
     authorization: Vec<AuthorizationPolicy>,
     peer: Vec<PeerAuthentication>,
+    /// Set while some policies are not known yet (Kubernetes not synced): everything is
+    /// denied and plaintext refused, with this reason.
+    pending: Option<String>,
 }
 
 impl Policies {
@@ -334,8 +337,28 @@ impl Policies {
         self.authorization.is_empty() && self.peer.is_empty()
     }
 
+    /// How many objects are in force.
+    pub fn len(&self) -> usize {
+        self.authorization.len() + self.peer.len()
+    }
+
+    /// Why nothing is allowed yet, while policies are missing.
+    pub fn pending(&self) -> Option<&str> {
+        self.pending.as_deref()
+    }
+
+    /// Fails closed until the missing policies arrive.
+    pub fn set_pending(&mut self, why: &str) {
+        self.pending = Some(why.to_owned());
+    }
+
     /// Authorizes a connection to `target`.
     pub fn authorize(&self, target: &Target<'_>, c: &Connection<'_>) -> Verdict {
+        if let Some(why) = &self.pending {
+            return Verdict::Deny {
+                policy: why.clone(),
+            };
+        }
         let applicable = || {
             self.authorization
                 .iter()
@@ -364,6 +387,12 @@ impl Policies {
     /// The mTLS mode for `target`'s `port`: a workload-selecting object in its namespace
     /// (port-level first), then its namespace's, then the mesh-wide one; PERMISSIVE by default.
     pub fn mtls(&self, target: &Target<'_>, port: u16) -> Mtls {
+        if let Some(why) = &self.pending {
+            return Mtls {
+                mode: MtlsMode::Strict,
+                policy: why.clone(),
+            };
+        }
         let in_ns = |p: &&PeerAuthentication| p.scope.namespace == target.namespace;
         let workload = self
             .peer

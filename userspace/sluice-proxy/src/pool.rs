@@ -65,8 +65,8 @@ pub struct Pool<D: Dial> {
     dialer: D,
     idle_timeout: Duration,
     slots: Mutex<HashMap<PoolKey, Arc<Slot>>>,
-    /// TLS + HTTP/2 handshakes done, for metrics and tests.
-    pub handshakes: AtomicU64,
+    /// TLS + HTTP/2 handshakes done, for metrics and tests (may be shared between pools).
+    pub handshakes: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -97,11 +97,20 @@ impl Drop for StreamGuard {
 
 impl<D: Dial> Pool<D> {
     pub fn new(dialer: D, idle_timeout: Duration) -> Arc<Self> {
+        Self::counting_into(dialer, idle_timeout, Arc::default())
+    }
+
+    /// As [`Pool::new`], adding its handshakes to `handshakes` (the proxy's node-wide count).
+    pub fn counting_into(
+        dialer: D,
+        idle_timeout: Duration,
+        handshakes: Arc<AtomicU64>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             dialer,
             idle_timeout,
             slots: Mutex::new(HashMap::new()),
-            handshakes: AtomicU64::new(0),
+            handshakes,
         })
     }
 

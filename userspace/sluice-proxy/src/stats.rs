@@ -22,6 +22,8 @@ pub struct Stats {
     /// AuthorizationPolicy here, outbound ones the destination answered 401, and live ones a
     /// policy change denied.
     pub denied: AtomicU64,
+    /// HBONE client connections set up (TLS + HTTP/2) by every pod's pool.
+    pub pool_handshakes: std::sync::Arc<AtomicU64>,
     /// Istio's TCP metrics, per label set.
     pub tcp: crate::metrics::TcpMetrics,
 }

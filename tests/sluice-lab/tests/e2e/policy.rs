@@ -268,6 +268,11 @@ pub fn metrics_config_dump_and_readiness_show_what_the_proxy_does(backend: Backe
         ) == 3,
         "{text}"
     );
+    let client_side = cluster.proxies[0].get("metrics", "/metrics")?.1;
+    ensure!(
+        metric(&client_side, "sluice_pool_handshakes_total", &[]) == 1,
+        "3 tunnels in a row share one pooled connection: {client_side}"
+    );
     if backend == Backend::Ebpf {
         ensure!(
             metric(&text, "sluice_capture_verdicts_total", &[]) > 0,
