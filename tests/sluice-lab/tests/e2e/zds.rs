@@ -91,6 +91,31 @@ pub fn the_agent_hands_pods_to_the_proxy_over_zds(backend: Backend) -> Result<()
         ask(&agent, add(&uid), Some(netns.as_fd()))?.is_empty(),
         "re-add refused"
     );
+    let ready = |want: u16| -> Result<String> {
+        let (status, body) = proxy.get("readiness", "/healthz/ready")?;
+        ensure!(status == want, "readiness {status} ({body}), wanted {want}");
+        Ok(body)
+    };
+    ready(200)?;
+    // A pod the proxy cannot serve (its netns's ports are taken by the first pod) is refused
+    // and keeps the proxy not ready until the agent removes it.
+    let clash = ask(&agent, add("pod-clash"), Some(netns.as_fd()))?;
+    ensure!(
+        !clash.is_empty(),
+        "a pod whose listeners cannot be created must be refused"
+    );
+    ensure!(ready(503)?.contains("pod-clash"), "readiness names the pod");
+    ensure!(
+        ask(
+            &agent,
+            Payload::Del(DelWorkload {
+                uid: "pod-clash".into()
+            }),
+            None
+        )?
+        .is_empty()
+    );
+    ready(200)?;
     // Bad requests: an error ack each, and the proxy keeps going.
     let no_fd = ask(&agent, add("pod-without-netns"), None)?;
     ensure!(
