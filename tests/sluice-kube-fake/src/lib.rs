@@ -67,6 +67,40 @@ impl FakeApi {
         kube::Client::new(service, "default")
     }
 
+    /// Serves the API over plain HTTP on `listener`, for another process (the agent binary)
+    /// given [`kubeconfig`]; runs on the current tokio runtime.
+    pub fn serve_http(&self, listener: tokio::net::TcpListener) {
+        let api = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let api = api.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: Request<hyper::body::Incoming>| {
+                            let api = api.clone();
+                            async move {
+                                let (parts, body) = request.into_parts();
+                                let bytes = http_body_util::BodyExt::collect(body)
+                                    .await
+                                    .map(|c| c.to_bytes())
+                                    .unwrap_or_default();
+                                let request = Request::from_parts(parts, Body::from(bytes));
+                                Ok::<_, Infallible>(api.handle(request).await)
+                            }
+                        },
+                    );
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+    }
+
     /// Creates or replaces an object in `collection`; returns it with its resourceVersion.
     pub fn put(&self, collection: &str, object: Value) -> Value {
         let exists = self.get(collection, &key_of(&object)).is_some();
@@ -287,4 +321,13 @@ fn respond(status: StatusCode, body: String) -> Response<Body> {
         .header("content-type", "application/json")
         .body(Body::from(body.into_bytes()))
         .unwrap()
+}
+
+/// A kubeconfig whose only cluster is this fake, served at `addr` by [`FakeApi::serve_http`].
+pub fn kubeconfig(addr: std::net::SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\n\
+         users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    \
+         user: fake\n    namespace: default\ncurrent-context: fake\n"
+    )
 }

@@ -89,10 +89,24 @@ impl SandboxPod {
     }
 }
 
+/// An in-memory API server served over HTTP to the agent, on its own runtime.
+struct KubeFixture {
+    api: sluice_kube_fake::FakeApi,
+    kubeconfig: PathBuf,
+    _runtime: tokio::runtime::Runtime,
+}
+
+const NAMESPACES: &str = "/api/v1/namespaces";
+const PODS: &str = "/api/v1/pods";
+/// The node's name in Kubernetes mode.
+pub const NODE_NAME: &str = "lab-node";
+
 /// Field order is drop order: daemons, pods, capture pins, cgroups, the node, files.
 pub struct AgentLab {
     pub agent: Option<Daemon>,
     pub proxy: Option<ProxyProcess>,
+    /// Kubernetes mode: the API server the agent watches (outlives the agent).
+    kube: Option<KubeFixture>,
     pub pods: Vec<SandboxPod>,
     /// Processes in pod cgroups that are not in a sandbox netns (see `start_pod_in_node_netns`).
     strays: Vec<ProcessGuard>,
@@ -158,6 +172,7 @@ impl AgentLab {
         let lab = Self {
             agent: None,
             proxy: None,
+            kube: None,
             pods: Vec::new(),
             strays: Vec::new(),
             _pins: pins,
@@ -176,6 +191,49 @@ impl AgentLab {
         Ok(lab)
     }
 
+    /// As [`AgentLab::new`], in Kubernetes mode: namespaces and pods live in an API server
+    /// (`sluice-kube-fake` over HTTP) that the agent watches through a kubeconfig.
+    pub fn new_kube(backend: Backend, driver: CgroupDriver) -> Result<Self> {
+        let mut lab = Self::new(backend, driver)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let api = sluice_kube_fake::FakeApi::with_collections(&[NAMESPACES, PODS]);
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?;
+        let _guard = runtime.enter();
+        api.serve_http(listener);
+        let kubeconfig = lab.path("kubeconfig");
+        std::fs::write(&kubeconfig, sluice_kube_fake::kubeconfig(addr))?;
+        lab.kube = Some(KubeFixture {
+            api,
+            kubeconfig,
+            _runtime: runtime,
+        });
+        Ok(lab)
+    }
+
+    /// Kubernetes mode: a pod's annotation as the API server has it now.
+    pub fn pod_annotation(&self, name: &str, key: &str) -> Result<Option<String>> {
+        let kube = self.kube.as_ref().context("not in Kubernetes mode")?;
+        let pod = self.listed_pod(name)?;
+        let object = kube
+            .api
+            .object(PODS, pod["namespace"].as_str().unwrap_or_default(), name)
+            .context("the pod is not in the API server")?;
+        Ok(object["metadata"]["annotations"][key]
+            .as_str()
+            .map(str::to_owned))
+    }
+
+    fn listed_pod(&self, name: &str) -> Result<&Value> {
+        self.listed
+            .iter()
+            .find(|p| p["name"] == name)
+            .with_context(|| format!("pod {name} is not listed"))
+    }
+
     pub fn pin_root(&self) -> PathBuf {
         PathBuf::from(format!("/sys/fs/bpf/sluice-lab-{}", self.id))
     }
@@ -191,9 +249,16 @@ impl AgentLab {
     /// Starts the agent and waits for its "started" line.
     pub fn start_agent(&mut self) -> Result<()> {
         let mut cmd = Command::new(sibling_binary("sluice-cni-agent")?);
-        cmd.arg("--pods-file")
-            .arg(self.path("pods.yaml"))
-            .args(["--backend", &self.backend.to_string()])
+        match &self.kube {
+            Some(kube) => {
+                cmd.args(["--node-name", NODE_NAME])
+                    .env("KUBECONFIG", &kube.kubeconfig);
+            }
+            None => {
+                cmd.arg("--pods-file").arg(self.path("pods.yaml"));
+            }
+        }
+        cmd.args(["--backend", &self.backend.to_string()])
             .arg("--pin-root")
             .arg(self.pin_root())
             .arg("--zds-socket")
@@ -298,8 +363,38 @@ impl AgentLab {
         Ok(())
     }
 
-    /// Writes the pods file and, with the agent running, waits until it has read it.
+    /// Writes the pods file (or, in Kubernetes mode, the objects) and, with the agent running
+    /// on the file, waits until it has read it.
     fn apply_pods_file(&self) -> Result<()> {
+        if let Some(kube) = &self.kube {
+            for (name, labels) in &self.namespaces {
+                kube.api.put(
+                    NAMESPACES,
+                    json!({"apiVersion": "v1", "kind": "Namespace",
+                           "metadata": {"name": name, "uid": format!("ns-{name}"), "labels": labels}}),
+                );
+            }
+            for pod in &self.listed {
+                let (name, namespace) = (&pod["name"], &pod["namespace"]);
+                let existing = kube.api.object(
+                    PODS,
+                    namespace.as_str().unwrap_or_default(),
+                    name.as_str().unwrap_or_default(),
+                );
+                if existing.is_none() {
+                    kube.api.put(
+                        PODS,
+                        json!({"apiVersion": "v1", "kind": "Pod",
+                               "metadata": {"name": name, "namespace": namespace, "uid": pod["uid"],
+                                            "labels": {"app": name}, "annotations": {}},
+                               "spec": {"nodeName": NODE_NAME, "serviceAccountName": pod["serviceAccount"],
+                                        "containers": [{"name": "app", "image": "registry.k8s.io/pause:3.9"}]},
+                               "status": {"phase": "Running"}}),
+                    );
+                }
+            }
+            return Ok(());
+        }
         let seen = self
             .agent
             .as_ref()

@@ -325,3 +325,68 @@ pub fn a_pod_that_cannot_be_captured_is_retried_and_keeps_the_agent_unready(
     lab.wait_ready(200)?;
     Ok(())
 }
+
+pub fn in_kubernetes_mode_labelling_a_namespace_meshes_and_marks_its_pods(
+    backend: Backend,
+) -> Result<()> {
+    const MARK: &str = "ambient.istio.io/redirection";
+    let mut lab = AgentLab::new_kube(backend, CgroupDriver::Systemd)?;
+    lab.set_namespace("shop", false)?;
+    let pods = [("client", "shop"), ("server", "shop")];
+    for (name, namespace) in pods {
+        lab.list_pod(name, namespace)?;
+    }
+    lab.start_agent()?;
+    lab.start_proxy()?;
+    lab.wait_ready(200)?;
+    start(&mut lab, &pods)?;
+    for (pod, _) in pods {
+        ensure!(!lab.captured(pod)?, "{pod} is not meshed yet");
+        ensure!(
+            lab.pod_annotation(pod, MARK)?.is_none(),
+            "{pod} is not marked yet"
+        );
+    }
+
+    // `kubectl label namespace shop istio.io/dataplane-mode=ambient`: both running pods are
+    // captured and marked, without a restart.
+    lab.set_namespace("shop", true)?;
+    for (pod, _) in pods {
+        lab.wait_captured(pod, true)?;
+    }
+    let deadline = std::time::Instant::now() + sluice_lab::WAIT;
+    while pods
+        .iter()
+        .any(|(pod, _)| lab.pod_annotation(pod, MARK).ok().flatten().as_deref() != Some("enabled"))
+    {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the pods were not marked {MARK}: enabled"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    lab.wait_ready(200)?;
+    let (_server, to) = serve(&lab, "server", 9090)?;
+    connects(&lab, "client", to, "after labelling the namespace")?;
+    lab.proxy()?
+        .wait_for_log(&["direction=\"outbound\"", &format!("dst={to}")])?;
+
+    // Removing the label releases them and takes the mark away.
+    lab.set_namespace("shop", false)?;
+    for (pod, _) in pods {
+        lab.wait_captured(pod, false)?;
+    }
+    let deadline = std::time::Instant::now() + sluice_lab::WAIT;
+    while pods
+        .iter()
+        .any(|(pod, _)| lab.pod_annotation(pod, MARK).ok().flatten().is_some())
+    {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the mark was not removed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    connects(&lab, "client", to, "after removing the label")?;
+    Ok(())
+}

@@ -77,5 +77,6 @@ mod node_agent {
         an_agent_restart_adopts_its_pods_without_disturbing_live_traffic,
         a_proxy_restart_keeps_capture_fails_closed_then_resumes,
         a_pod_that_cannot_be_captured_is_retried_and_keeps_the_agent_unready,
+        in_kubernetes_mode_labelling_a_namespace_meshes_and_marks_its_pods,
     );
 }
