@@ -152,7 +152,7 @@ pub fn run(opts: &Options) -> Result<Matrix> {
     }
     setup::ensure()?;
     setup::apt_install(
-        &["qemu-system-x86", "busybox-static"],
+        &["qemu-system-x86", "busybox-static", "ca-certificates"],
         "booting test kernels (cargo xtask vm-test)",
     )?;
     let root = setup::workspace_root()?;
@@ -604,7 +604,13 @@ fn build_initramfs(
         cpio.file_from_host(lib.to_str().context("path")?, &lib)?;
     }
     add_modules(&mut cpio, kernel)?;
-    for etc in ["/etc/protocols", "/etc/services"] {
+    // The CA bundle: kube-rs's TLS client loads the system roots when it is built, even for a
+    // plain-HTTP API server (the agent's Kubernetes-mode test).
+    for etc in [
+        "/etc/protocols",
+        "/etc/services",
+        "/etc/ssl/certs/ca-certificates.crt",
+    ] {
         if Path::new(etc).exists() {
             cpio.file_from_host(etc, Path::new(etc))?;
         }

@@ -221,8 +221,8 @@ fn kubernetes(args: &Args, events: mpsc::Sender<Event>) -> Result<cluster::Handl
         .build()
         .context("start the Kubernetes runtime")?;
     let client = runtime.block_on(kube::Client::try_default()).context(
-        "connect to the Kubernetes API server: no in-cluster service account and no \
-             kubeconfig; run in a pod, or pass --pods-file for standalone mode",
+        "create the Kubernetes client (from the in-cluster service account, else $KUBECONFIG \
+         or ~/.kube/config); run in a pod, or pass --pods-file for standalone mode",
     )?;
     let (handle, requests) = cluster::Handle::channel();
     std::thread::spawn(move || runtime.block_on(cluster::run(client, node, events, requests)));

@@ -181,8 +181,9 @@ async fn run(args: Args, set_log_level: admin::SetLogLevel) -> Result<()> {
             watch.spawn_reloader(std::time::Duration::from_millis(500));
             if args.kube_policies {
                 let client = kube::Client::try_default().await.context(
-                    "--kube-policies: connect to the Kubernetes API server (no in-cluster service \
-                     account and no kubeconfig); drop the flag to use the mesh file's policies only",
+                    "--kube-policies: create the Kubernetes client (from the in-cluster service \
+                     account, else $KUBECONFIG or ~/.kube/config); drop the flag to use the mesh \
+                     file's policies only",
                 )?;
                 watch.expect_external_policies();
                 tokio::spawn(sluice_proxy::kube_policies::run(client, watch.clone()));
