@@ -34,8 +34,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run the demo: two network namespaces, one pod captured with eBPF, traffic through the proxy.
-    Demo,
+    /// Run the demo: a two-node mesh in network namespaces, pods meshed by labelling their
+    /// namespace, HBONE, a policy, metrics (`--backend iptables`, `--keep`; `--help` for more).
+    #[command(disable_help_flag = true)]
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run a benchmark: `cargo xtask bench capture|hbone|pod-start [--runs N] …` (`--help` lists each one's options).
     #[command(disable_help_flag = true)]
     Bench {
@@ -69,7 +74,11 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::ensure(),
         Cmd::Test { host_only, args } => test(host_only, &args),
-        Cmd::Demo => run_release_bin("sluice-lab", "sluice-lab", &["demo".to_owned()]),
+        Cmd::Demo { args } => {
+            let mut all = vec!["demo".to_owned()];
+            all.extend(args);
+            run_release_bin("sluice-lab", "sluice-lab", &all)
+        }
         Cmd::Bench { args } => {
             let mut all = vec!["bench".to_owned()];
             all.extend(args);
@@ -190,10 +199,16 @@ fn run_release_bin(package: &str, bin: &str, args: &[String]) -> Result<()> {
     // The lab binary spawns the proxy binary next to itself, so build every binary.
     cargo(&["build", "--release", "--workspace", "--bins"])?;
     let exe = setup::workspace_root()?.join("target/release").join(bin);
-    let status = Command::new(&exe)
+    let mut child = Command::new(&exe)
         .args(args)
-        .status()
+        .spawn()
         .with_context(|| format!("run {} (package {package})", exe.display()))?;
+    // A Ctrl-C reaches the child too, which then removes what it created: wait for it rather
+    // than leave it cleaning up behind the shell's prompt. (Ignored only after the spawn: an
+    // ignored signal would be inherited.)
+    // SAFETY: signal(2) with SIG_IGN has no preconditions.
+    unsafe { libc_signal(SIGINT, SIG_IGN) };
+    let status = child.wait()?;
     if !status.success() {
         bail!("{bin} failed ({status})");
     }
@@ -222,9 +237,14 @@ fn require_root(why: &str) -> Result<()> {
     Ok(())
 }
 
+const SIGINT: i32 = 2;
+const SIG_IGN: usize = 1;
+
 unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
+    #[link_name = "signal"]
+    fn libc_signal(signum: i32, handler: usize) -> usize;
 }
 
 #[cfg(test)]

@@ -123,12 +123,20 @@ pub struct AgentLab {
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     listed: Vec<Value>,
     health: Option<SocketAddr>,
+    /// The node's pod subnet (host-local's range; the bridge's gateway is its `.1`).
+    pub pod_subnet: String,
 }
 
 impl AgentLab {
     /// A node with its primary CNI config (bridge + host-local) and an empty pods file; neither
     /// agent nor proxy is running yet.
     pub fn new(backend: Backend, driver: CgroupDriver) -> Result<Self> {
+        Self::with_subnet(backend, driver, POD_SUBNET)
+    }
+
+    /// As [`AgentLab::new`], with its own pod subnet (`10.97.1.0/24`): nodes of one cluster
+    /// need distinct ones to route between them.
+    pub fn with_subnet(backend: Backend, driver: CgroupDriver, subnet: &str) -> Result<Self> {
         for plugin in ["bridge", "host-local"] {
             let path = Path::new(REFERENCE_PLUGINS).join(plugin);
             if !path.exists() {
@@ -153,7 +161,7 @@ impl AgentLab {
                 "ipMasq": false,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": POD_SUBNET}]],
+                    "ranges": [[{"subnet": subnet}]],
                     "routes": [{"dst": "0.0.0.0/0"}],
                     "dataDir": dir.0.join("ipam"),
                 }
@@ -186,6 +194,7 @@ impl AgentLab {
             namespaces: BTreeMap::new(),
             listed: Vec::new(),
             health: None,
+            pod_subnet: subnet.to_owned(),
         };
         lab.write_pods_file()?;
         Ok(lab)
@@ -238,7 +247,8 @@ impl AgentLab {
         PathBuf::from(format!("/sys/fs/bpf/sluice-lab-{}", self.id))
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    /// A file in the node's directory (`pods.yaml`, `net.d`, `zds.sock`, …).
+    pub fn path(&self, name: &str) -> PathBuf {
         self.dir.0.join(name)
     }
 
@@ -294,14 +304,16 @@ impl AgentLab {
 
     /// Starts the proxy, connected to the agent's hand-off socket.
     pub fn start_proxy(&mut self) -> Result<()> {
+        self.start_proxy_with(&[])
+    }
+
+    /// As [`AgentLab::start_proxy`], with extra arguments (a mesh file and CA, for a cluster).
+    pub fn start_proxy_with(&mut self, extra: &[&str]) -> Result<()> {
         let socket = self.path("zds.sock");
         let socket = socket.to_str().context("socket path")?;
-        let proxy = ProxyProcess::spawn(
-            &[],
-            &self.proxy_cgroup.path,
-            &self.pin_root(),
-            &["--zds-socket", socket],
-        )?;
+        let mut args = vec!["--zds-socket", socket];
+        args.extend_from_slice(extra);
+        let proxy = ProxyProcess::spawn(&[], &self.proxy_cgroup.path, &self.pin_root(), &args)?;
         self.proxy = Some(proxy);
         Ok(())
     }

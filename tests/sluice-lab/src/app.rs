@@ -90,6 +90,9 @@ pub fn command_in(program: &Path, place: &Placement) -> Result<Command> {
         .map(|c| CString::new(c.join("cgroup.procs").into_os_string().into_encoded_bytes()))
         .transpose()?;
     let mut cmd = Command::new(program);
+    // Its own process group: a Ctrl-C at the terminal reaches the lab only, which then stops
+    // its processes in order and removes what it created.
+    cmd.process_group(0);
     // SAFETY: between fork and exec the closure calls only open/write/close/setns, which are
     // async-signal-safe, on data prepared before the fork.
     unsafe {

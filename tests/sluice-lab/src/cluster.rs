@@ -431,7 +431,7 @@ pub struct LinkCapture {
 const CAPTURE_LIMIT: usize = 256 * 1024 * 1024;
 
 impl LinkCapture {
-    fn start(netns: &Path, ifname: &str) -> Result<Self> {
+    pub(crate) fn start(netns: &Path, ifname: &str) -> Result<Self> {
         let ns = Netns::open(netns).context("open the node netns")?;
         let ifname_c = std::ffi::CString::new(ifname)?;
         let socket = ns.run(|| -> std::io::Result<OwnedFd> {

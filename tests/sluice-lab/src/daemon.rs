@@ -2,6 +2,7 @@
 //! line says so, its stderr log kept for assertions, killed on drop.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,7 +23,11 @@ impl Daemon {
     /// Spawns `cmd` and waits for its first stdout line to start with `ready_prefix`. Its stderr
     /// is collected (and echoed when `echo_env` is set in the environment).
     pub fn spawn(mut cmd: Command, name: &str, ready_prefix: &str, echo_env: &str) -> Result<Self> {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        // Its own process group: a Ctrl-C at the terminal reaches the lab only, which stops its
+        // daemons in order when it cleans up.
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
         let mut child = cmd.spawn().with_context(|| format!("spawn {name}"))?;
         let stdout = child.stdout.take().context("daemon stdout")?;
         let stderr = child.stderr.take().context("daemon stderr")?;

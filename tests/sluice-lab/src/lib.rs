@@ -3,6 +3,7 @@
 //! removed by guards when they drop, even when a test fails.
 
 pub mod agent;
+pub mod ambient;
 pub mod app;
 pub mod bench;
 pub mod cluster;

@@ -15,8 +15,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// A pod captured with eBPF, traffic both ways through the proxy, then fail-closed and release.
-    Demo,
+    /// sluice's main job on a two-node cluster of network namespaces: pods meshed by labelling
+    /// their namespace, HBONE with both identities, a policy allowing sleep and resetting
+    /// notsleep, the metrics that moved.
+    Demo {
+        /// The capture backend: ebpf or iptables.
+        #[arg(long, default_value = "ebpf")]
+        backend: sluice_capture::Backend,
+        /// Leave the cluster running (with the commands to explore it) until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Benchmarks (`bench capture`).
     Bench {
         #[command(subcommand)]
@@ -75,7 +84,10 @@ enum App {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Demo => sluice_lab::demo::run(),
+        Cmd::Demo { backend, keep } => {
+            sluice_lab::demo::catch_interrupts();
+            sluice_lab::demo::run(sluice_lab::demo::Options { backend, keep }).map(|_| ())
+        }
         Cmd::Bench { which } => sluice_lab::bench::run(which),
         Cmd::App(App::Serve { listen }) => sluice_lab::app::serve(&listen),
         Cmd::App(App::Connect { to, bytes }) => {

@@ -48,6 +48,39 @@ pub struct MeshContext {
     pub idle_timeout: Duration,
 }
 
+/// What the agent said of a pod it handed over (ZDS `WorkloadInfo`).
+#[derive(Clone, Debug)]
+pub struct HandedOver {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// The identity a pod's proxy presents, if the pod is in the mesh: a pod the agent handed over
+/// is (it is captured: ztunnel treats every pod it is given so), with the mesh file's identity
+/// for it, else the one the agent named, so it is meshed even before the control plane lists
+/// it as HBONE; a pod served without an agent only when the mesh file lists it as HBONE.
+fn own_identity(
+    mesh: &crate::mesh::Mesh,
+    uid: &PodUid,
+    handed: Option<&HandedOver>,
+) -> Option<Identity> {
+    let handed = handed.filter(|h| !h.namespace.is_empty() && !h.service_account.is_empty());
+    match (mesh.workload(uid.as_str()), handed) {
+        (Some((w, identity)), None) if w.protocol == Protocol::Hbone => Some(identity.clone()),
+        (Some((_, identity)), Some(_)) => Some(identity.clone()),
+        (None, Some(h)) => Some(Identity {
+            trust_domain: mesh.trust_domain.clone(),
+            namespace: h.namespace.clone(),
+            service_account: h.service_account.clone(),
+        }),
+        (Some(_), None) => None,
+        (None, None) => {
+            warn!(pod = %uid, "pod is not a workload in the mesh file and was not handed over by an agent: no identity, its traffic is passed through");
+            None
+        }
+    }
+}
+
 /// A pod's own part of the mesh: its identity and its tunnels.
 struct PodMesh {
     identity: Identity,
@@ -218,6 +251,7 @@ impl PodProxy {
     pub fn start(
         uid: PodUid,
         netns: Netns,
+        handed: Option<HandedOver>,
         sockets: Option<&mut InboundSocketMap>,
         copy: CopyMode,
         stats: Arc<Stats>,
@@ -251,8 +285,9 @@ impl PodProxy {
         let pod_mesh = match &mesh {
             Some(shared) => {
                 let current = shared.mesh.current();
-                match current.workload(uid.as_str()) {
-                    Some((w, identity)) if w.protocol == Protocol::Hbone => {
+                match own_identity(&current, &uid, handed.as_ref()) {
+                    Some(identity) => {
+                        let identity = &identity;
                         let hbone = socket::listen_in(&netns, socket::hbone_any_v6(), true)
                             .with_context(|| format!("listen on :{PORT_HBONE} in {}", where_()))?;
                         let acceptor = tokio_rustls::TlsAcceptor::from(
@@ -293,11 +328,7 @@ impl PodProxy {
                             pool,
                         })
                     }
-                    Some(_) => None,
-                    None => {
-                        warn!(pod = %uid, "pod is not a workload in the mesh file: no identity, its traffic is passed through");
-                        None
-                    }
+                    None => None,
                 }
             }
             None => None,

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use sluice_proxy::admin::{self, Endpoints, Port, Readiness};
 use sluice_proxy::copy::CopyMode;
 use sluice_proxy::hbone::ServerStats;
-use sluice_proxy::inpod::{MeshContext, PodProxy};
+use sluice_proxy::inpod::{HandedOver, MeshContext, PodProxy};
 use sluice_proxy::mesh::MeshWatch;
 use sluice_proxy::route::Balancer;
 use sluice_proxy::stats::Stats;
@@ -230,6 +230,7 @@ async fn run(args: Args, set_log_level: admin::SetLogLevel) -> Result<()> {
         let pod = PodProxy::start(
             uid.clone(),
             netns,
+            None,
             sockets.as_mut(),
             args.copy,
             stats.clone(),
@@ -322,7 +323,12 @@ fn set_served(
 fn handle(command: zds::Command, pods: &mut HashMap<PodUid, PodProxy>, env: PodEnv<'_>) {
     let (sockets, copy, stats, mesh, readiness) = env;
     match command {
-        zds::Command::Add { uid, netns, reply } => {
+        zds::Command::Add {
+            uid,
+            netns,
+            workload,
+            reply,
+        } => {
             let same = match (pods.get(&uid), netns.inode()) {
                 (Some(pod), Ok(inode)) => pod.netns_inode() == inode,
                 _ => false,
@@ -335,9 +341,16 @@ fn handle(command: zds::Command, pods: &mut HashMap<PodUid, PodProxy>, env: PodE
             if let Some(old) = pods.remove(&uid) {
                 old.stop(sockets.as_mut());
             }
+            // Handed over by the agent: the pod is captured, so it is in the mesh (as ztunnel
+            // treats every pod it is given), with the identity the agent named.
+            let handed = workload.map(|w| HandedOver {
+                namespace: w.namespace,
+                service_account: w.service_account,
+            });
             let result = PodProxy::start(
                 uid.clone(),
                 netns,
+                handed,
                 sockets.as_mut(),
                 copy,
                 stats.clone(),

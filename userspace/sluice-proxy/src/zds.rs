@@ -25,6 +25,8 @@ pub enum Command {
     Add {
         uid: PodUid,
         netns: Netns,
+        /// The pod's name, namespace and service account, as the agent knows them.
+        workload: Option<sluice_zds::messages::WorkloadInfo>,
         reply: oneshot::Sender<Result<(), String>>,
     },
     /// Stop serving this pod, closing its connections.
@@ -106,7 +108,12 @@ fn session(
                 let fd = received.fds.remove(0);
                 snapshot.insert(uid.clone());
                 let netns = Netns::from_fd(fd, format!("zds:{uid}"));
-                Command::Add { uid, netns, reply }
+                Command::Add {
+                    uid,
+                    netns,
+                    workload: add.workload_info,
+                    reply,
+                }
             }
             Some(Payload::Keep(keep)) => {
                 match PodUid::parse(&keep.uid) {

@@ -8,6 +8,7 @@ mod agent;
 mod bpf;
 mod capture;
 mod cleanup;
+mod demo;
 mod mesh;
 mod policy;
 mod zds;
@@ -67,6 +68,12 @@ mod authz {
 /// The proxy driven over ZDS by the test acting as the agent.
 mod handoff {
     for_both_backends!(zds: the_agent_hands_pods_to_the_proxy_over_zds);
+}
+
+/// `cargo xtask demo`, run as a test: two nodes with agents and proxies, a namespace meshed by
+/// its label, HBONE with identities, the getting-started policy, metrics.
+mod main_job {
+    for_both_backends!(demo: the_demo_meshes_a_namespace_and_enforces_its_policy);
 }
 
 /// The node agent with the CNI chain, the pods file and restarts (one node each).

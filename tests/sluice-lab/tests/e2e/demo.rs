@@ -1,0 +1,25 @@
+//! The README's first command, as a test: the demo checks every outcome it shows (it fails when
+//! sluice does not do it), and its report is checked again here.
+
+use anyhow::{Result, ensure};
+use sluice_capture::Backend;
+use sluice_lab::demo::{Options, run};
+
+pub fn the_demo_meshes_a_namespace_and_enforces_its_policy(backend: Backend) -> Result<()> {
+    let report = run(Options {
+        backend,
+        keep: false,
+    })?;
+    ensure!(
+        report.plain_payload_on_link && !report.hbone_payload_on_link,
+        "only the unmeshed call may cross the node link in the clear: {report:?}"
+    );
+    ensure!(
+        report.source_identity == "spiffe://cluster.local/ns/demo/sa/sleep"
+            && report.destination_identity == "spiffe://cluster.local/ns/demo/sa/echo",
+        "identities: {report:?}"
+    );
+    ensure!(report.notsleep_error.contains("reset"), "{report:?}");
+    ensure!(report.opened_sleep_to_echo >= 2, "{report:?}");
+    Ok(())
+}
