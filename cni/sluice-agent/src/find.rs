@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -97,15 +98,34 @@ pub fn netns_of_cgroup(cgroup: &Path) -> io::Result<Option<(Netns, PathBuf)>> {
     Ok(None)
 }
 
-/// The cgroup v2 directory of process `pid` (the `0::` line of `/proc/PID/cgroup`).
-pub fn cgroup_of_pid(pid: u32) -> io::Result<PathBuf> {
+/// The cgroup v2 directory of process `pid` (the `0::` line of `/proc/PID/cgroup`, which is
+/// relative to our cgroup namespace: the host's, see `join_host_cgroup_namespace`) under `root`,
+/// the host's cgroup v2 mount.
+pub fn cgroup_of_pid(pid: u32, root: &std::path::Path) -> io::Result<PathBuf> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
     let relative = text
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or_else(|| io::Error::other(format!("process {pid} is in no cgroup v2 hierarchy")))?;
-    let root = sluice_capture::cgroup::v2_root()?;
     Ok(root.join(relative.trim_start_matches('/')))
+}
+
+/// In a container the agent has its own cgroup namespace (containerd gives every container one
+/// on cgroup v2), where `/proc/PID/cgroup` of other processes reads `/../..`. With the host's
+/// pids (hostPID) and privilege it joins pid 1's cgroup namespace, so those paths are the
+/// host's again. Called before any thread starts (setns changes only the calling thread).
+/// Where nothing differs (a host install, the tests) it does nothing.
+pub fn join_host_cgroup_namespace() -> io::Result<bool> {
+    let inode = |p: &str| std::fs::metadata(p).map(|m| m.ino());
+    if inode("/proc/1/ns/cgroup")? == inode("/proc/self/ns/cgroup")? {
+        return Ok(false);
+    }
+    let host = std::fs::File::open("/proc/1/ns/cgroup")?;
+    // SAFETY: setns(2) on an fd we own; it affects only this (still the only) thread.
+    if unsafe { libc::setns(host.as_raw_fd(), libc::CLONE_NEWCGROUP) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
 }
 
 /// The network namespaces sluice must never capture: the node's own (pid 1's) and the agent's.

@@ -18,11 +18,11 @@ use sluice_agent::install::{Install, PLUGIN_TYPE};
 use sluice_agent::node::{Capture, Config, Event, Node};
 use sluice_agent::record::Records;
 use sluice_agent::selection::Selector;
-use sluice_agent::{cluster, cni_server::CniServer, standalone};
+use sluice_agent::{cluster, cni_server::CniServer, find, standalone};
 use sluice_capture::ebpf::EbpfCapture;
 use sluice_capture::iptables::IptablesCapture;
 use sluice_capture::{Backend, DEFAULT_PIN_ROOT};
-use tracing::info;
+use tracing::{info, warn};
 
 /// The sluice node agent.
 ///
@@ -131,6 +131,13 @@ fn main() -> Result<()> {
         install.uninstall()?;
         info!(conf_dir = %args.cni_conf_dir.display(), "CNI plugin uninstalled");
         return Ok(());
+    }
+    match find::join_host_cgroup_namespace() {
+        Ok(true) => info!("joined the host's cgroup namespace (pid 1's)"),
+        Ok(false) => {}
+        Err(e) => {
+            warn!(error = %e, "cannot join the host's cgroup namespace; the proxy's cgroup may not be found (pass --proxy-cgroup, or run with hostPID and privileges)")
+        }
     }
     if !(1..=290).contains(&args.cni_wait) {
         bail!(

@@ -498,7 +498,7 @@ impl Node {
         if self.cfg.proxy_cgroup.is_some() {
             return; // fixed by flag, attached at start
         }
-        let cgroup = match find::cgroup_of_pid(pid) {
+        let cgroup = match find::cgroup_of_pid(pid, &self.cfg.cgroup_root) {
             Ok(cgroup) => cgroup,
             Err(e) => {
                 error!(pid, error = %e, "cannot find the proxy's cgroup; outbound capture will fail closed");
