@@ -24,7 +24,7 @@ fn workspace() -> PathBuf {
 /// Installed by `cargo xtask setup` (which `cargo xtask test` runs first).
 fn helm() -> PathBuf {
     let dir = workspace().join("target/tools");
-    let helm = std::fs::read_dir(&dir)
+    std::fs::read_dir(&dir)
         .ok()
         .and_then(|entries| {
             entries
@@ -37,8 +37,7 @@ fn helm() -> PathBuf {
                 "helm is not installed under {}; run `cargo xtask setup` (cargo xtask test does)",
                 dir.display()
             )
-        });
-    helm
+        })
 }
 
 fn rendered(extra: &[&str]) -> String {
