@@ -41,7 +41,7 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark: `cargo xtask bench capture|hbone|pod-start [--runs N] …` (`--help` lists each one's options).
+    /// Run the benchmarks: with no subcommand the whole matrix (direct, iptables, eBPF × passthrough, HBONE) into target/bench/results.json and results.svg; `capture|hbone|pod-start` for one question each (`--help`).
     #[command(disable_help_flag = true)]
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

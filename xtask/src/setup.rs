@@ -11,13 +11,15 @@ use anyhow::{Context, Result, bail};
 /// Debian packages the build and the tests need. llvm-22-dev: bpf-linker links against the LLVM
 /// whose major version matches nightly rustc's (22 for the 1.97 nightly on these machines).
 /// containernetworking-plugins: the reference CNI plugins (bridge, host-local) the agent's tests
-/// and the demo chain sluice-cni after, as a node's primary CNI.
+/// and the demo chain sluice-cni after, as a node's primary CNI. fonts-dejavu-core: the font the
+/// benchmark chart is laid out with.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "iperf3",
     "iptables",
     "iproute2",
     "containernetworking-plugins",
+    "fonts-dejavu-core",
 ];
 const LLVM_MAJOR: &str = "22";
 const BPF_LINKER_VERSION: &str = "0.13.0";

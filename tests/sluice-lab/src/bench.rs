@@ -21,7 +21,52 @@ use crate::app::{self, Placement};
 use crate::lab::{Lab, PEER_IP};
 use crate::proxy::ProxyProcess;
 
+pub mod chart;
+pub mod matrix;
 mod pod_start;
+
+/// The matrix's options (`cargo xtask bench` with no subcommand).
+#[derive(clap::Args, Clone, Debug)]
+pub struct MatrixArgs {
+    /// Rounds; each round measures every configuration once.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 4)]
+    pub seconds: u32,
+    /// Seconds per connection-rate and request/response run.
+    #[arg(long, default_value_t = 2.0)]
+    pub rate_seconds: f64,
+    /// Where results.json and results.svg go (default: target/bench).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// The whole matrix: direct, iptables and eBPF × passthrough and HBONE, every metric.
+pub fn run_matrix(args: &MatrixArgs) -> Result<()> {
+    check_bounds(args.runs, args.seconds, args.rate_seconds)?;
+    require_tool("iperf3")?;
+    let out = match &args.out {
+        Some(dir) => dir.clone(),
+        None => output_path()?
+            .parent()
+            .context("bench output dir")?
+            .to_path_buf(),
+    };
+    matrix::run(args.runs, args.seconds, args.rate_seconds, &out)
+}
+
+fn check_bounds(runs: usize, seconds: u32, rate_seconds: f64) -> Result<()> {
+    if runs == 0
+        || runs > 20
+        || seconds == 0
+        || seconds > 60
+        || !(0.5..=60.0).contains(&rate_seconds)
+    {
+        bail!("--runs must be 1..=20, --seconds 1..=60, --rate-seconds 0.5..=60");
+    }
+    Ok(())
+}
 
 #[derive(clap::Subcommand, Clone, Debug)]
 pub enum Which {
@@ -106,14 +151,7 @@ pub fn run(which: Which) -> Result<()> {
             rate_seconds,
         } => (true, runs, seconds, rate_seconds),
     };
-    if runs == 0
-        || runs > 20
-        || seconds == 0
-        || seconds > 60
-        || !(0.5..=60.0).contains(&rate_seconds)
-    {
-        bail!("--runs must be 1..=20, --seconds 1..=60, --rate-seconds 0.5..=60");
-    }
+    check_bounds(runs, seconds, rate_seconds)?;
     require_tool("iperf3")?;
     if hbone {
         return run_hbone(runs, seconds, rate_seconds);
@@ -389,6 +427,24 @@ fn measure_hbone(mode: &str, seconds: u32, rate_seconds: f64) -> Result<[Option<
         "iptables" => Cluster::new(Backend::Iptables, &pods, &[])?,
         _ => Cluster::new(Backend::Ebpf, &pods, &[])?,
     };
+    let [one, four, per_second, p50, p99] = pair_metrics(&cluster, seconds, rate_seconds)?;
+    let (client, server) = (cluster.pod("client"), cluster.pod("server"));
+    let echo_addr = server.addr(7070);
+    let _echo = app::spawn_server(&server.place_server(), &[echo_addr])?;
+    let rss = match cluster.proxies.first() {
+        Some(proxy) => Some(rss_with_idle(&client.place(), echo_addr, proxy.pid())?),
+        None => None,
+    };
+    Ok([one, four, p50, p99, per_second, rss])
+}
+
+/// Client pod → server pod of `cluster`: Gbit/s with 1 and 4 iperf3 streams, connections per
+/// second, request/response p50 and p99 in µs (the matrix's metric order).
+fn pair_metrics(
+    cluster: &crate::cluster::Cluster,
+    seconds: u32,
+    rate_seconds: f64,
+) -> Result<[Option<f64>; 5]> {
     let (client, server) = (cluster.pod("client"), cluster.pod("server"));
     let one = iperf3_between(
         &server.place_server(),
@@ -419,17 +475,12 @@ fn measure_hbone(mode: &str, seconds: u32, rate_seconds: f64) -> Result<[Option<
     let rr: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("rr output: {}", String::from_utf8_lossy(&out.stderr)))?;
     let per_second = connrate(&client.place(), echo_addr, rate_seconds)?;
-    let rss = match cluster.proxies.first() {
-        Some(proxy) => Some(rss_with_idle(&client.place(), echo_addr, proxy.pid())?),
-        None => None,
-    };
     Ok([
         Some(one),
         Some(four),
+        Some(per_second),
         rr["p50_us"].as_f64(),
         rr["p99_us"].as_f64(),
-        Some(per_second),
-        rss,
     ])
 }
 

@@ -123,6 +123,9 @@ pub struct Cluster {
     services: Vec<ServiceSpec>,
     /// The mesh file's `policies:` list, as YAML.
     policies: String,
+    /// Whether enrolled pods are HBONE workloads (false: captured, but listed as `TCP`, so
+    /// both proxies pass their traffic through: capture's cost without the mesh's).
+    hbone: bool,
 }
 
 /// The inter-node link's address on node 0 and node 1.
@@ -146,6 +149,12 @@ impl Cluster {
         Self::build(Some(backend), pods, services, &[])
     }
 
+    /// The cluster with the `meshed` pods captured and served by their node's proxy in L4
+    /// passthrough (listed as `TCP` workloads): what capture costs without HBONE.
+    pub fn passthrough(backend: Backend, pods: &[PodSpec]) -> Result<Self> {
+        Self::build_with(Some(backend), pods, &[], &[], false)
+    }
+
     /// As [`Cluster::new`], with extra arguments for both proxies (e.g. `--drain-timeout 5s`).
     pub fn with_proxy_args(
         backend: Backend,
@@ -166,6 +175,16 @@ impl Cluster {
         pods: &[PodSpec],
         services: &[ServiceSpec],
         proxy_args: &[&str],
+    ) -> Result<Self> {
+        Self::build_with(backend, pods, services, proxy_args, true)
+    }
+
+    fn build_with(
+        backend: Option<Backend>,
+        pods: &[PodSpec],
+        services: &[ServiceSpec],
+        proxy_args: &[&str],
+        hbone: bool,
     ) -> Result<Self> {
         let id = unique_id();
         let dir = DirGuard::new(&format!("sluice-cluster-{id}"))?;
@@ -274,6 +293,7 @@ impl Cluster {
             backend: backend.unwrap_or(Backend::Ebpf),
             services: services.to_vec(),
             policies: String::new(),
+            hbone,
         };
         cluster.write_mesh()?;
         if backend.is_some() {
@@ -326,7 +346,11 @@ impl Cluster {
         let services = &self.services;
         let mut yaml = String::from("trustDomain: cluster.local\nworkloads:\n");
         for pod in &self.pods {
-            let protocol = if pod.meshed { "HBONE" } else { "TCP" };
+            let protocol = if pod.meshed && self.hbone {
+                "HBONE"
+            } else {
+                "TCP"
+            };
             yaml.push_str(&format!(
                 "  - uid: {}\n    name: {}\n    namespace: default\n    serviceAccount: {}\n    \
                  ips: [{}, {}]\n    node: node-{}\n    protocol: {protocol}\n    labels: {{app: {}}}\n",

@@ -26,10 +26,14 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
-    /// Benchmarks (`bench capture`).
+    /// Benchmarks: with no subcommand the whole matrix (direct, iptables, eBPF × passthrough,
+    /// HBONE) with a chart; `capture`, `hbone`, `pod-start` for one question each.
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
         #[command(subcommand)]
-        which: sluice_lab::bench::Which,
+        which: Option<sluice_lab::bench::Which>,
+        #[command(flatten)]
+        matrix: sluice_lab::bench::MatrixArgs,
     },
     /// Workloads run inside lab pods.
     #[command(subcommand, hide = true)]
@@ -88,7 +92,10 @@ fn main() -> Result<()> {
             sluice_lab::demo::catch_interrupts();
             sluice_lab::demo::run(sluice_lab::demo::Options { backend, keep }).map(|_| ())
         }
-        Cmd::Bench { which } => sluice_lab::bench::run(which),
+        Cmd::Bench { which, matrix } => match which {
+            Some(which) => sluice_lab::bench::run(which),
+            None => sluice_lab::bench::run_matrix(&matrix),
+        },
         Cmd::App(App::Serve { listen }) => sluice_lab::app::serve(&listen),
         Cmd::App(App::Connect { to, bytes }) => {
             println!(
