@@ -68,7 +68,7 @@ fn load_font() -> Result<()> {
 
 pub fn draw(path: &Path, results: &[Result1], machine: &Machine, command: &str) -> Result<()> {
     load_font()?;
-    let root = SVGBackend::new(path, (1500, 940)).into_drawing_area();
+    let root = SVGBackend::new(path, (1500, 1350)).into_drawing_area();
     let fail = |e: &dyn std::fmt::Display| anyhow!("draw {}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| fail(&e))?;
     let (head, body) = root.split_vertically(90);
@@ -90,7 +90,7 @@ pub fn draw(path: &Path, results: &[Result1], machine: &Machine, command: &str) 
         (20, 54),
     )
     .map_err(|e| fail(&e))?;
-    let panels = body.split_evenly((2, 3));
+    let panels = body.split_evenly((3, 2));
     for (panel, (metric, title, higher)) in panels.iter().zip(METRICS) {
         bars(panel, results, metric, title, higher).map_err(|e| fail(&e))?;
     }
@@ -122,7 +122,8 @@ fn bars(
         .caption(caption, (FAMILY, 20))
         .x_label_area_size(30)
         .y_label_area_size(55)
-        .build_cartesian_2d((0..CONFIGS.len()).into_segmented(), 0.0..top)?;
+        // Integer ranges are inclusive in plotters: 0..=4 is five bars.
+        .build_cartesian_2d((0..CONFIGS.len() - 1).into_segmented(), 0.0..top)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -134,6 +135,13 @@ fn bars(
         })
         .x_label_style((FAMILY, 16))
         .y_label_style((FAMILY, 15))
+        .y_label_formatter(&|v| {
+            if top >= 100.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.1}")
+            }
+        })
         .draw()?;
     for (i, ((mode, path), value)) in CONFIGS.iter().zip(&values).enumerate() {
         let mut bar = Rectangle::new(
