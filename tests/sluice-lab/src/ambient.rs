@@ -21,8 +21,7 @@ use anyhow::{Context, Result, bail};
 use sluice_capture::Backend;
 
 use crate::agent::{AgentLab, CgroupDriver, SandboxPod};
-use crate::app::sibling_binary;
-use crate::cluster::LinkCapture;
+use crate::cluster::{LinkCapture, init_ca};
 use crate::lab::{DirGuard, run, unique_id};
 
 /// The nodes' names in the mesh file and their pod subnets.
@@ -65,7 +64,7 @@ impl AmbientCluster {
         };
         cluster.connect_nodes()?;
         cluster.write_mesh()?;
-        cluster.init_ca()?;
+        init_ca(&cluster.dir.0.join("ca"))?;
         let mesh = cluster.mesh_file();
         let ca = cluster.dir.0.join("ca");
         let mesh = mesh.to_str().context("mesh path")?;
@@ -115,22 +114,6 @@ impl AmbientCluster {
                 "via",
                 &LINK[other].to_string(),
             ])?;
-        }
-        Ok(())
-    }
-
-    fn init_ca(&self) -> Result<()> {
-        let out = Command::new(sibling_binary("sluice-proxy")?)
-            .arg("--init-ca")
-            .arg("--ca-dir")
-            .arg(self.dir.0.join("ca"))
-            .output()
-            .context("run sluice-proxy --init-ca")?;
-        if !out.status.success() {
-            bail!(
-                "sluice-proxy --init-ca failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
         }
         Ok(())
     }

@@ -386,19 +386,7 @@ impl Cluster {
     }
 
     fn init_ca(&self) -> Result<()> {
-        let out = Command::new(sibling_binary("sluice-proxy")?)
-            .arg("--init-ca")
-            .arg("--ca-dir")
-            .arg(self.dir.0.join("ca"))
-            .output()
-            .context("run sluice-proxy --init-ca")?;
-        if !out.status.success() {
-            bail!(
-                "sluice-proxy --init-ca failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        init_ca(&self.dir.0.join("ca"))
     }
 
     /// Captures the node's meshed pods and starts its proxy for them.
@@ -442,7 +430,23 @@ impl Cluster {
     }
 }
 
-/// A directory under the temp dir, removed on drop.
+/// Creates a mesh CA in `dir` with the real proxy binary (`sluice-proxy --init-ca`).
+pub(crate) fn init_ca(dir: &Path) -> Result<()> {
+    let out = Command::new(sibling_binary("sluice-proxy")?)
+        .arg("--init-ca")
+        .arg("--ca-dir")
+        .arg(dir)
+        .output()
+        .context("run sluice-proxy --init-ca")?;
+    if !out.status.success() {
+        bail!(
+            "sluice-proxy --init-ca failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// Every frame on one interface, read with an `AF_PACKET` socket (no tcpdump needed), kept in
 /// memory (bounded) until the capture is dropped.
 pub struct LinkCapture {

@@ -9,7 +9,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::matrix::{CONFIGS, METRICS, Machine, Result1, get};
+use super::matrix::{CONFIGS, METRICS, Machine, Result1, ebpf_over_iptables, get};
 
 /// DejaVu Sans from Debian's fonts-dejavu-core (`cargo xtask setup` installs it): plotters
 /// lays text out with it; the SVG names the family, so viewers use their own copy.
@@ -192,13 +192,7 @@ fn notes(
         ("eBPF / iptables".to_owned(), true),
     ];
     for path in ["passthrough", "hbone"] {
-        let ratio = |metric: &str| match (
-            get(results, "ebpf", path, metric),
-            get(results, "iptables", path, metric),
-        ) {
-            (Some(e), Some(i)) if i > 0.0 => format!("{:.2}×", e / i),
-            _ => "-".to_owned(),
-        };
+        let ratio = |metric: &str| ebpf_over_iptables(results, path, metric);
         lines.push((
             format!(
                 "{}: throughput {}, conn/s {}",

@@ -201,6 +201,17 @@ pub fn get(results: &[Result1], mode: &str, path: &str, metric: &str) -> Option<
         .map(|r| r.median)
 }
 
+/// eBPF over iptables on `path` for `metric`, formatted (`1.23×`, or `-` when not measured).
+pub fn ebpf_over_iptables(results: &[Result1], path: &str, metric: &str) -> String {
+    match (
+        get(results, "ebpf", path, metric),
+        get(results, "iptables", path, metric),
+    ) {
+        (Some(e), Some(i)) if i > 0.0 => format!("{:.2}×", e / i),
+        _ => "-".to_owned(),
+    }
+}
+
 /// The medians as a Markdown table, then the ratios that answer the questions.
 pub fn table(results: &[Result1]) -> String {
     let mut out = String::from(
@@ -227,13 +238,7 @@ pub fn table(results: &[Result1]) -> String {
     }
     out.push('\n');
     for path in ["passthrough", "hbone"] {
-        let ratio = |metric: &str| match (
-            get(results, "ebpf", path, metric),
-            get(results, "iptables", path, metric),
-        ) {
-            (Some(e), Some(i)) if i > 0.0 => format!("{:.2}×", e / i),
-            _ => "-".to_owned(),
-        };
+        let ratio = |metric: &str| ebpf_over_iptables(results, path, metric);
         out.push_str(&format!(
             "ebpf / iptables, {path}: throughput {}, 4 streams {}, connections {}, p50 latency {}\n",
             ratio("throughput_gbps"),
