@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use sluice_capture::Backend;
 
 use crate::agent::{AgentLab, CgroupDriver, SandboxPod};
-use crate::cluster::{LinkCapture, init_ca};
+use crate::cluster::{LinkCapture, init_ca, write_mesh_file};
 use crate::lab::{DirGuard, run, unique_id};
 
 /// The nodes' names in the mesh file and their pod subnets.
@@ -205,16 +205,7 @@ impl AmbientCluster {
         if yaml.ends_with("workloads:\n") {
             yaml = yaml.replace("workloads:\n", "workloads: []\n");
         }
-        if !self.policies.trim().is_empty() {
-            yaml.push_str("policies:\n");
-            for line in self.policies.lines() {
-                yaml.push_str(&format!("  {line}\n"));
-            }
-        }
-        // Written whole and renamed into place: a reload never sees half a file.
-        let tmp = self.dir.0.join("mesh.yaml.tmp");
-        std::fs::write(&tmp, yaml).context("write the mesh file")?;
-        std::fs::rename(&tmp, self.mesh_file()).context("replace the mesh file")
+        write_mesh_file(yaml, &self.policies, &self.mesh_file())
     }
 
     /// Records every frame crossing the link between the nodes (seen from node-a) until dropped.

@@ -373,16 +373,7 @@ impl Cluster {
                 endpoints.join(", ")
             ));
         }
-        if !self.policies.trim().is_empty() {
-            yaml.push_str("policies:\n");
-            for line in self.policies.lines() {
-                yaml.push_str(&format!("  {line}\n"));
-            }
-        }
-        // Written whole and renamed into place: a reload never sees half a file.
-        let tmp = self.dir.0.join("mesh.yaml.tmp");
-        std::fs::write(&tmp, yaml).context("write the mesh file")?;
-        std::fs::rename(&tmp, self.mesh_file()).context("replace the mesh file")
+        write_mesh_file(yaml, &self.policies, &self.mesh_file())
     }
 
     fn init_ca(&self) -> Result<()> {
@@ -428,6 +419,21 @@ impl Cluster {
         self.proxy_cgroups.push(proxy_cgroup);
         Ok(())
     }
+}
+
+/// Appends the `policies:` list (YAML list items, as `kubectl get -o yaml` gives them) to the
+/// mesh file text `yaml` and writes it to `path` whole: written aside and renamed into place, so
+/// a proxy's reload never sees half a file.
+pub(crate) fn write_mesh_file(mut yaml: String, policies: &str, path: &Path) -> Result<()> {
+    if !policies.trim().is_empty() {
+        yaml.push_str("policies:\n");
+        for line in policies.lines() {
+            yaml.push_str(&format!("  {line}\n"));
+        }
+    }
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, yaml).context("write the mesh file")?;
+    std::fs::rename(&tmp, path).context("replace the mesh file")
 }
 
 /// Creates a mesh CA in `dir` with the real proxy binary (`sluice-proxy --init-ca`).
