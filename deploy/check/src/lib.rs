@@ -2,7 +2,7 @@
 //! `cargo xtask render-manifests` (which writes it) and the manifests test (which fails when the
 //! checked-in file is not what the chart renders).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The release name and namespace the plain manifests are rendered for.
@@ -11,6 +11,17 @@ pub const NAMESPACE: &str = "sluice-system";
 /// The checked-in manifests and the chart, relative to the workspace root.
 pub const MANIFESTS: &str = "deploy/manifests/sluice.yaml";
 pub const CHART: &str = "deploy/chart/sluice";
+
+/// The helm release the chart is rendered with (`cargo xtask setup` installs it).
+pub const HELM_VERSION: &str = "v3.17.3";
+
+/// Where `cargo xtask setup` puts helm under the workspace root.
+pub fn helm_path(workspace: &Path) -> PathBuf {
+    workspace
+        .join("target/tools")
+        .join(format!("helm-{HELM_VERSION}"))
+        .join("helm")
+}
 
 const HEADER: &str = "\
 # sluice: plain Kubernetes manifests, rendered from deploy/chart/sluice with its default values

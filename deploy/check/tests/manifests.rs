@@ -23,21 +23,13 @@ fn workspace() -> PathBuf {
 
 /// Installed by `cargo xtask setup` (which `cargo xtask test` runs first).
 fn helm() -> PathBuf {
-    let dir = workspace().join("target/tools");
-    std::fs::read_dir(&dir)
-        .ok()
-        .and_then(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.path().join("helm"))
-                .find(|p| p.exists())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "helm is not installed under {}; run `cargo xtask setup` (cargo xtask test does)",
-                dir.display()
-            )
-        })
+    let helm = sluice_deploy::helm_path(&workspace());
+    assert!(
+        helm.exists(),
+        "helm is not installed at {}; run `cargo xtask setup` (cargo xtask test does)",
+        helm.display()
+    );
+    helm
 }
 
 fn rendered(extra: &[&str]) -> String {

@@ -578,7 +578,8 @@ impl AgentLab {
         Ok(Ok(prev.unwrap_or(Value::Null)))
     }
 
-    fn primary_conflist(&self) -> Result<Value> {
+    /// The node's primary conflist (the first by name), as the runtime reads it.
+    pub fn primary_conflist(&self) -> Result<Value> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(self.conf_dir())?
             .flatten()
             .map(|e| e.path())

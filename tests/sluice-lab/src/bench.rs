@@ -427,10 +427,9 @@ fn measure_hbone(mode: &str, seconds: u32, rate_seconds: f64) -> Result<[Option<
         "iptables" => Cluster::new(Backend::Iptables, &pods, &[])?,
         _ => Cluster::new(Backend::Ebpf, &pods, &[])?,
     };
-    let [one, four, per_second, p50, p99] = pair_metrics(&cluster, seconds, rate_seconds)?;
+    let ([one, four, per_second, p50, p99], _echo) = pair_metrics(&cluster, seconds, rate_seconds)?;
     let (client, server) = (cluster.pod("client"), cluster.pod("server"));
     let echo_addr = server.addr(7070);
-    let _echo = app::spawn_server(&server.place_server(), &[echo_addr])?;
     let rss = match cluster.proxies.first() {
         Some(proxy) => Some(rss_with_idle(&client.place(), echo_addr, proxy.pid())?),
         None => None,
@@ -439,12 +438,13 @@ fn measure_hbone(mode: &str, seconds: u32, rate_seconds: f64) -> Result<[Option<
 }
 
 /// Client pod → server pod of `cluster`: Gbit/s with 1 and 4 iperf3 streams, connections per
-/// second, request/response p50 and p99 in µs (the matrix's metric order).
+/// second, request/response p50 and p99 in µs (the matrix's metric order). The echo server on
+/// the server pod's :7070 is handed back running, for further measurements.
 fn pair_metrics(
     cluster: &crate::cluster::Cluster,
     seconds: u32,
     rate_seconds: f64,
-) -> Result<[Option<f64>; 5]> {
+) -> Result<([Option<f64>; 5], app::ProcessGuard)> {
     let (client, server) = (cluster.pod("client"), cluster.pod("server"));
     let one = iperf3_between(
         &server.place_server(),
@@ -461,7 +461,7 @@ fn pair_metrics(
         4,
     )?;
     let echo_addr = server.addr(7070);
-    let _echo = app::spawn_server(&server.place_server(), &[echo_addr])?;
+    let echo = app::spawn_server(&server.place_server(), &[echo_addr])?;
     let mut rr = app::command_in(&app::binary()?, &client.place())?;
     rr.args([
         "app",
@@ -475,13 +475,14 @@ fn pair_metrics(
     let rr: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("rr output: {}", String::from_utf8_lossy(&out.stderr)))?;
     let per_second = connrate(&client.place(), echo_addr, rate_seconds)?;
-    Ok([
+    let values = [
         Some(one),
         Some(four),
         Some(per_second),
         rr["p50_us"].as_f64(),
         rr["p99_us"].as_f64(),
-    ])
+    ];
+    Ok((values, echo))
 }
 
 /// The proxy's resident memory (MB) while the client holds [`IDLE_CONNECTIONS`] open.

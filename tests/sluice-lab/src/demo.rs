@@ -195,26 +195,15 @@ fn demo(options: Options) -> Result<Report> {
     say.step("cluster: two nodes, each with its CNI chain, sluice-cni-agent and sluice-proxy")?;
     let mut cluster = AmbientCluster::new(backend)?;
     for (n, node) in cluster.nodes.iter().enumerate() {
-        let conflist = std::fs::read_dir(node.conf_dir())?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "conflist"));
-        let chain = match &conflist {
-            Some(path) => {
-                let list: serde_json::Value =
-                    serde_json::from_str(&std::fs::read_to_string(path)?)?;
-                list["plugins"]
-                    .as_array()
-                    .map(|ps| {
-                        ps.iter()
-                            .filter_map(|p| p["type"].as_str())
-                            .collect::<Vec<_>>()
-                            .join(" → ")
-                    })
-                    .unwrap_or_default()
-            }
-            None => "?".into(),
-        };
+        let chain = node.primary_conflist()?["plugins"]
+            .as_array()
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| p["type"].as_str())
+                    .collect::<Vec<_>>()
+                    .join(" → ")
+            })
+            .unwrap_or_default();
         println!(
             "  {} (netns {}): pods {}, CNI chain {chain}",
             NODES[n].0, node.node.name, NODES[n].1
@@ -307,8 +296,7 @@ fn demo(options: Options) -> Result<Report> {
         &cluster,
         0,
         &["connection closed", "hbone=true", "direction=\"outbound\""],
-    )
-    .or_else(|_| access_line(&cluster, 0, &["connection closed", "hbone=true"]))?;
+    )?;
     let inbound = access_line(&cluster, 1, &["connection closed", "hbone=true"])?;
     for (who, line) in [
         ("node-a proxy (source)", &outbound),

@@ -143,8 +143,9 @@ pub fn run(runs: usize, seconds: u32, rate_seconds: f64, dir: &std::path::Path) 
                 &format!("round {}/{runs}: {mode}/{path}", round + 1),
             );
             let cluster = cluster_for(mode, path).with_context(|| format!("{mode}/{path}"))?;
-            let values = pair_metrics(&cluster, seconds, rate_seconds)
+            let (values, echo) = pair_metrics(&cluster, seconds, rate_seconds)
                 .with_context(|| format!("{mode}/{path}"))?;
+            drop(echo);
             drop(cluster);
             let v = |i: usize| values[i].map_or("-".to_owned(), |v| format!("{v:.1}"));
             eprintln!(
