@@ -94,7 +94,25 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
         labels: pod.labels().clone(),
         annotations: pod.annotations().clone(),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        ips: pod_ips(pod),
     })
+}
+
+/// `status.podIPs` (or the older `status.podIP`), skipping what does not parse.
+fn pod_ips(pod: &Pod) -> Vec<std::net::IpAddr> {
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+    let ips: Vec<std::net::IpAddr> = listed.filter_map(|ip| ip.parse().ok()).collect();
+    if !ips.is_empty() {
+        return ips;
+    }
+    status
+        .pod_ip
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect()
 }
 
 pub fn namespace_info(ns: &Namespace) -> NamespaceInfo {

@@ -1,7 +1,8 @@
 //! Liveness and readiness, served over plain HTTP for kubelet's probes:
 //! - `GET /healthz`: 200 while the agent's event loop is turning;
 //! - `GET /readyz`: 200 once the plugin is installed, the first pod list is in, the proxy is
-//!   connected and has every captured pod, and no pod is failing; otherwise 503 with the reason.
+//!   connected and has every captured pod, and no pod is failing; otherwise 503 with the reason;
+//! - `GET /metrics`: the agent's counters (pods refused, by reason), Prometheus text.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -20,6 +21,8 @@ pub struct Health {
     /// `None`: ready; `Some(reason)`: not ready, and why.
     pods: Mutex<Option<String>>,
     install: Mutex<Option<String>>,
+    /// Pods refused, by reason (`sluice_agent_pods_refused_total`).
+    refused: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 fn now_ms() -> u64 {
@@ -47,6 +50,25 @@ impl Health {
 
     pub fn set_install(&self, state: Result<(), String>) {
         *lock(&self.install) = state.err();
+    }
+
+    /// Counts a pod refused for `reason` (a stable snake_case label value).
+    pub fn count_refusal(&self, reason: &'static str) {
+        *lock(&self.refused).entry(reason).or_default() += 1;
+    }
+
+    /// The counters in Prometheus' text format.
+    pub fn metrics(&self) -> String {
+        let mut out = String::from(
+            "# HELP sluice_agent_pods_refused_total Pods the agent refused to capture, by reason.\n\
+             # TYPE sluice_agent_pods_refused_total counter\n",
+        );
+        for (reason, n) in lock(&self.refused).iter() {
+            out.push_str(&format!(
+                "sluice_agent_pods_refused_total{{reason=\"{reason}\"}} {n}\n"
+            ));
+        }
+        out
     }
 
     pub fn alive(&self) -> bool {
@@ -96,11 +118,34 @@ fn answer(stream: TcpStream, health: &Health) -> std::io::Result<()> {
             Ok(()) => ("200 OK", "ready\n".to_owned()),
             Err(why) => ("503 Service Unavailable", format!("not ready: {why}\n")),
         },
-        _ => ("404 Not Found", "try /healthz or /readyz\n".to_owned()),
+        "/metrics" => ("200 OK", health.metrics()),
+        _ => (
+            "404 Not Found",
+            "try /healthz, /readyz or /metrics\n".to_owned(),
+        ),
     };
     write!(
         &stream,
         "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_counted_by_reason_in_prometheus_text() {
+        let health = Health::new();
+        assert!(!health.metrics().contains("reason="), "nothing refused yet");
+        health.count_refusal("address_conflict");
+        health.count_refusal("address_conflict");
+        let text = health.metrics();
+        assert!(
+            text.contains("sluice_agent_pods_refused_total{reason=\"address_conflict\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE sluice_agent_pods_refused_total counter"));
+    }
 }

@@ -51,10 +51,11 @@ struct Args {
     #[arg(long, default_value = DEFAULT_PIN_ROOT, env = "SLUICE_PIN_ROOT")]
     pin_root: PathBuf,
 
-    /// The hand-off socket the proxy connects to.
+    /// The hand-off socket the proxy connects to, created 0600. Its directory is created 0700
+    /// if missing, and must otherwise be 0700 and owned by root: only the proxy may connect.
     #[arg(
         long,
-        default_value = "/var/run/sluice/zds.sock",
+        default_value = "/var/run/sluice/zds/zds.sock",
         env = "SLUICE_ZDS_SOCKET"
     )]
     zds_socket: PathBuf,
@@ -257,15 +258,33 @@ fn installation(args: &Args) -> Result<Install> {
     })
 }
 
+/// Hands each proxy that connects to the node loop, once its credentials show it is root: the
+/// socket is 0600 root, so anyone else got through a loosened file or directory, and is never
+/// sent a pod's netns.
 fn accept_proxies(listener: sluice_zds::Listener, events: mpsc::Sender<Event>) {
     std::thread::spawn(move || {
+        let mut refused: u64 = 0;
         loop {
             match listener.accept() {
-                Ok(channel) => {
-                    if events.send(Event::Proxy(channel)).is_err() {
-                        return;
+                Ok(channel) => match channel.root_peer() {
+                    Ok(_) => {
+                        if events.send(Event::Proxy(channel)).is_err() {
+                            return;
+                        }
                     }
-                }
+                    Err(sluice_zds::ZdsError::PeerNotRoot { pid, uid }) => {
+                        refused += 1;
+                        tracing::warn!(
+                            peer_pid = pid,
+                            peer_uid = uid,
+                            refused,
+                            "refused a hand-off connection: the peer is not root, so it is not the proxy (check the socket's and its directory's modes)"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not read a hand-off peer's credentials; connection dropped");
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(error = %e, "hand-off socket accept failed");
                     std::thread::sleep(Duration::from_millis(100));

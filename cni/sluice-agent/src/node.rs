@@ -10,6 +10,10 @@
 //!   the one it captured, even if the runtime has already unmounted it.
 //! - Every proxy (re)connection gets the whole set of captured pods, then `snapshot_sent`.
 //! - The node's own network namespace is never captured.
+//! - A pod is captured with the addresses the node assigned it (the CNI result at ADD, its
+//!   status otherwise), never ones read from inside it, and an address has one owner: a pod
+//!   claiming an address another captured pod holds is refused, counted and keeps the agent
+//!   unready.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, AsRawFd};
@@ -301,7 +305,29 @@ impl Node {
         if self.deleted.get(&pod.uid) == Some(&ino) {
             return Ok(()); // released by CNI DEL; its processes are on their way out
         }
-        self.capture_pod(pod, netns, label, Some(cgroup.clone()), Vec::new())
+        self.capture_pod(pod, netns, label, Some(cgroup.clone()), pod.ips.clone())
+    }
+
+    /// Refuses addresses another captured pod holds: traffic for an address goes to the pod
+    /// the node gave it, never to one that claims it later.
+    fn check_owners(&self, pod: &PodInfo, addrs: &[std::net::IpAddr]) -> Result<(), String> {
+        for other in self.pods.values().filter(|p| p.record.uid != pod.uid) {
+            if let Some(addr) = addrs.iter().find(|a| other.record.addrs.contains(a)) {
+                self.health.count_refusal("address_conflict");
+                warn!(pod = %pod.uid, name = %pod.name, namespace = %pod.namespace, %addr,
+                      owner = %other.record.uid, "refused: the address belongs to another captured pod");
+                return Err(format!(
+                    "address {addr} belongs to captured pod {}/{} ({}); refusing pod {}/{} \
+                     (an address has one owner: release the other pod first if it is gone)",
+                    other.info.namespace,
+                    other.info.name,
+                    other.record.uid,
+                    pod.namespace,
+                    pod.name
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Puts `pod`'s traffic through the proxy (idempotent for the same netns), then hands the pod
@@ -333,6 +359,15 @@ impl Node {
                 self.cfg.cgroup_root.display()
             ));
         }
+        if addrs.is_empty() {
+            return Err(format!(
+                "no address for pod {}/{}: neither the CNI result nor the pod's status names \
+                 one; it is captured once the cluster assigns one (standalone mode: list its \
+                 `ips` in the pods file)",
+                pod.namespace, pod.name
+            ));
+        }
+        self.check_owners(pod, &addrs)?;
         if let Some(existing) = self.pods.get(&pod.uid) {
             if existing.record.netns_ino == ino {
                 return Ok(());
@@ -346,13 +381,15 @@ impl Node {
             .set_pods(Err(format!("capturing pod {} for the proxy", pod.uid)));
         let spec = PodCapture {
             cgroup: cgroup.clone(),
-            addrs,
+            addrs: addrs.clone(),
             ..PodCapture::new(uid, fd_path(&netns))
         };
-        self.capture
-            .redirector()
-            .enroll(&spec)
-            .map_err(|e| format!("capture: {e}"))?;
+        self.capture.redirector().enroll(&spec).map_err(|e| {
+            if matches!(e, sluice_capture::CaptureError::AddressOwned { .. }) {
+                self.health.count_refusal("address_conflict");
+            }
+            format!("capture: {e}")
+        })?;
         let record = PodRecord {
             uid: pod.uid.clone(),
             namespace: pod.namespace.clone(),
@@ -360,6 +397,7 @@ impl Node {
             netns: label,
             netns_ino: ino,
             cgroup,
+            addrs,
         };
         if let Err(e) = self.records.save(&record) {
             // Capture works; only a restarted agent would have to capture the pod again.
@@ -617,6 +655,7 @@ impl Node {
                         netns: PathBuf::new(),
                         netns_ino: pinned.netns_ino,
                         cgroup: None,
+                        addrs: pinned.addrs.clone(),
                     });
                 }
             }

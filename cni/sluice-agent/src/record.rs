@@ -16,6 +16,9 @@ pub struct PodRecord {
     pub netns: PathBuf,
     pub netns_ino: u64,
     pub cgroup: Option<PathBuf>,
+    /// The addresses it was captured with (none in records from before they were kept).
+    #[serde(default)]
+    pub addrs: Vec<std::net::IpAddr>,
 }
 
 pub struct Records {

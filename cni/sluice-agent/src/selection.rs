@@ -35,6 +35,10 @@ pub struct PodInfo {
     pub annotations: BTreeMap<String, String>,
     #[serde(default)]
     pub host_network: bool,
+    /// The pod's addresses as the cluster assigned them (`status.podIPs`; in the pods file,
+    /// `ips`). A running pod is captured with these, never with addresses read from inside it.
+    #[serde(default)]
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 fn default_service_account() -> String {

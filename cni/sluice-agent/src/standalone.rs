@@ -160,9 +160,31 @@ mod tests {
             "ambient"
         );
         assert_eq!(world.pods["u-1"].service_account, "default");
+        assert!(
+            world.pods["u-1"].ips.is_empty(),
+            "no address until the file lists one"
+        );
         assert!(world.pods["u-2"].host_network);
         assert_eq!(world.pod_named("shop", "db").unwrap().uid, "u-2");
         assert_eq!(parse_str("").unwrap(), World::default());
+    }
+
+    #[test]
+    fn pod_addresses_are_read_and_bad_ones_refused() {
+        let world = parse_str(
+            "pods:\n  - { uid: u-1, name: cart, namespace: shop, ips: [10.1.0.7, 'fd00::7'] }\n",
+        )
+        .unwrap();
+        let ips: Vec<String> = world.pods["u-1"]
+            .ips
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect();
+        assert_eq!(ips, ["10.1.0.7", "fd00::7"]);
+        let e =
+            parse_str("pods:\n  - { uid: u-1, name: cart, namespace: shop, ips: [10.1.0.999] }\n");
+        let msg = e.unwrap_err().to_string();
+        assert!(msg.contains("line 2"), "{msg}");
     }
 
     #[test]

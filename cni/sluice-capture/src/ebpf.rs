@@ -9,6 +9,12 @@
 //! Architecture invariant: a pod is enrolled exactly when `SLUICE_PODS` has its uid; its links,
 //! address and config entries are created after that entry and removed before it, so a crash
 //! in between leaves a record that the next `remove` or `enroll` cleans up.
+//!
+//! Isolation: the cgroup programs are one shared instance (they find the pod from the calling
+//! task's cgroup), but `steer_inbound` is loaded once per pod with the pod's key in its own
+//! `SLUICE_POD_SELF` map, so it steers by the netns it runs in and never by an address a pod
+//! could claim. Every address has one owner: the loader refuses an address another enrolled
+//! pod holds.
 
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
@@ -19,7 +25,8 @@ use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
 use aya::programs::Program;
 use aya::{Ebpf, EbpfLoader};
 use sluice_common::{
-    AddrKey, CgroupKey, PodConfig, PodKey, PodState, PodUidKey, Verdict, maps, programs,
+    AddrKey, CgroupKey, PairKey, PeerOrig, PodConfig, PodKey, PodState, PodUidKey, SockOrig,
+    Verdict, maps, programs,
 };
 use tracing::{debug, info, warn};
 
@@ -39,8 +46,9 @@ enum Target {
 }
 
 /// The per-pod programs, in attach order: inbound first, then outbound (connect last, so the
-/// helpers that restore the peer and record the pair are in place before any redirect).
-const POD_PROGRAMS: [(&str, AttachType, Target); 6] = [
+/// helpers that restore the peer, record the pair and forget released sockets are in place
+/// before any redirect).
+const POD_PROGRAMS: [(&str, AttachType, Target); 7] = [
     (programs::STEER_INBOUND, AttachType::SkLookup, Target::Netns),
     (
         programs::GETPEERNAME4,
@@ -54,6 +62,11 @@ const POD_PROGRAMS: [(&str, AttachType, Target); 6] = [
     ),
     (programs::SOCKOPS, AttachType::SockOps, Target::PodCgroup),
     (
+        programs::SOCK_RELEASE,
+        AttachType::SockRelease,
+        Target::PodCgroup,
+    ),
+    (
         programs::CONNECT4,
         AttachType::Inet4Connect,
         Target::PodCgroup,
@@ -65,10 +78,16 @@ const POD_PROGRAMS: [(&str, AttachType, Target); 6] = [
     ),
 ];
 
+/// How many links a pod captured with a cgroup has, once its capture is complete.
+pub const POD_LINKS: usize = POD_PROGRAMS.len();
+
 /// The loaded object plus the pin directory it manages.
 pub struct EbpfCapture {
     ebpf: Ebpf,
     root: PathBuf,
+    /// Loads each pod's own `steer_inbound` instance. Kept, because making a loader parses the
+    /// kernel's BTF (about 20 ms, most of a pod's capture time otherwise).
+    instances: Box<EbpfLoader<'static>>,
 }
 
 /// One enrolled pod as recorded in the pins.
@@ -81,6 +100,9 @@ pub struct EnrolledPod {
     pub addrs: Vec<IpAddr>,
     /// Names of the programs whose links are pinned for this pod.
     pub links: Vec<String>,
+    /// Captured outbound sockets of the pod the programs track now (its bound is
+    /// `PodCapture::max_tracked_sockets`).
+    pub tracked_sockets: u64,
 }
 
 impl EbpfCapture {
@@ -102,15 +124,19 @@ impl EbpfCapture {
                 .map_err(|source| CaptureError::Pin { path: dir, source })?;
         }
         sys::raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(root.join("maps"))
-            .load(OBJECT)?;
+        let mut instances = Box::new(EbpfLoader::new());
+        instances.default_map_pin_directory(root.join("maps"));
+        let mut ebpf = instances.load(OBJECT)?;
         for (name, _, _) in POD_PROGRAMS {
             load_program(&mut ebpf, name)?;
         }
         load_program(&mut ebpf, programs::GETSOCKOPT)?;
         info!(root = %root.display(), "ebpf capture loaded");
-        Ok(Self { ebpf, root })
+        Ok(Self {
+            ebpf,
+            root,
+            instances,
+        })
     }
 
     /// Attaches the `SO_ORIGINAL_DST` emulation to the proxy's cgroup. The proxy must join that
@@ -137,16 +163,19 @@ impl EbpfCapture {
         list_pods(&self.root)
     }
 
-    /// Runs `steer_inbound` once, through `BPF_PROG_TEST_RUN` (Linux 5.14), on a synthetic TCP
-    /// SYN from `src` to `dst`, against the live maps: what would inbound capture do with it?
-    /// Counts in the verdict counters like real traffic.
+    /// Runs `steer_inbound` once, through `BPF_PROG_TEST_RUN` (Linux 5.14), as the instance
+    /// of enrolled pod `uid` would, on a synthetic TCP SYN from `src` to `dst`, against the live
+    /// maps: what would inbound capture in that pod's netns do with it? Counts in the verdict
+    /// counters like real traffic.
     pub fn simulate_inbound(
-        &self,
+        &mut self,
+        uid: &PodUid,
         src: SocketAddr,
         dst: SocketAddr,
     ) -> Result<InboundDecision, CaptureError> {
-        let prog = self
-            .ebpf
+        let netns_ino = self.state(uid)?.map_or(0, |s| s.netns_ino);
+        let instance = self.inbound_instance(netns_ino)?;
+        let prog = instance
             .program(programs::STEER_INBOUND)
             .ok_or(CaptureError::Program {
                 program: programs::STEER_INBOUND,
@@ -192,13 +221,12 @@ impl EbpfCapture {
             source,
         };
         let netns_ino = netns.inode().map_err(|e| in_netns("stat the netns", e))?;
-        let addrs = if pod.addrs.is_empty() {
-            netns
-                .addresses()
-                .map_err(|e| in_netns("list addresses", e))?
-        } else {
-            pod.addrs.clone()
-        };
+        if pod.addrs.is_empty() {
+            return Err(CaptureError::NoAddresses {
+                uid: pod.uid.to_string(),
+            });
+        }
+        let addrs = pod.addrs.clone();
         let mut config = pod.config()?;
         set_redirect_addrs(&mut config, &addrs);
         let cgroup = pod
@@ -224,6 +252,8 @@ impl EbpfCapture {
             self.remove_uid(&pod.uid)?;
         }
         let key = PodKey { netns_ino };
+        // Refuse before writing anything: an address already held by another pod stays its.
+        self.check_owners(&pod.uid, key, &addrs)?;
         // Map entries before links: a program never runs for the pod without its entries.
         self.hash::<PodUidKey, PodState>(maps::PODS)?
             .insert(
@@ -244,6 +274,21 @@ impl EbpfCapture {
                 .map_err(map_err(maps::POD_CGROUPS))?;
         }
         self.set_addrs(key, &addrs)?;
+        // The pod's count of tracked sockets; kept (not reset) when an enrolled pod is
+        // enrolled again, since its sockets' entries are still there.
+        match self
+            .hash::<PodKey, u64>(maps::POD_TRACKED)?
+            .insert(key, 0, BPF_NOEXIST)
+        {
+            Ok(()) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) => {
+                return Err(CaptureError::Map {
+                    map: maps::POD_TRACKED,
+                    source,
+                });
+            }
+        }
 
         let dir = self.pod_dir(&pod.uid);
         std::fs::create_dir_all(&dir).map_err(|source| CaptureError::Pin {
@@ -256,7 +301,11 @@ impl EbpfCapture {
                 continue;
             }
             let link = match (target, &cgroup) {
-                (Target::Netns, _) => self.link(name, attach, &netns, &pod.netns)?,
+                (Target::Netns, _) => {
+                    // This pod's own instance, which knows the netns it is attached to.
+                    let instance = self.inbound_instance(netns_ino)?;
+                    link_program(&instance, name, attach, &netns, &pod.netns)?
+                }
                 (Target::PodCgroup, Some((file, path))) => self.link(name, attach, file, path)?,
                 (Target::PodCgroup, None) => continue,
             };
@@ -290,6 +339,8 @@ impl EbpfCapture {
             let key = PodKey {
                 netns_ino: state.netns_ino,
             };
+            let owned = self.owned_addrs(key)?;
+            self.forget_tracked(key, &owned)?;
             self.set_addrs(key, &[])?;
             if state.cgroup_id != 0 {
                 ignore_missing(
@@ -315,6 +366,115 @@ impl EbpfCapture {
             info!(pod = %uid, "pod released (ebpf)");
         }
         Ok(())
+    }
+
+    /// Refuses `addrs` if any is owned by another enrolled pod. An entry whose owner is no
+    /// longer enrolled (a crash between steps) is not an owner.
+    fn check_owners(
+        &mut self,
+        uid: &PodUid,
+        pod: PodKey,
+        addrs: &[IpAddr],
+    ) -> Result<(), CaptureError> {
+        let owners: Vec<(AddrKey, PodKey)> = {
+            let map = self.hash::<AddrKey, PodKey>(maps::POD_ADDRS)?;
+            addrs
+                .iter()
+                .filter_map(|a| {
+                    let k = addr_key(*a);
+                    map.get(&k, 0).ok().map(|owner| (k, owner))
+                })
+                .filter(|(_, owner)| *owner != pod)
+                .collect()
+        };
+        if owners.is_empty() {
+            return Ok(());
+        }
+        let enrolled: Vec<(String, u64)> = self
+            .hash::<PodUidKey, PodState>(maps::PODS)?
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, s)| Some((PodUid::from_key(&k)?.to_string(), s.netns_ino)))
+            .collect();
+        for (addr, owner) in owners {
+            if let Some((owner_uid, _)) = enrolled
+                .iter()
+                .find(|(u, ino)| *ino == owner.netns_ino && u != uid.as_str())
+            {
+                warn!(pod = %uid, addr = %ip_of(&addr), owner = %owner_uid,
+                      "refused: the address belongs to another enrolled pod");
+                return Err(CaptureError::AddressOwned {
+                    uid: uid.to_string(),
+                    addr: ip_of(&addr),
+                    owner: owner_uid.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The addresses `pod` owns in `SLUICE_POD_ADDRS`.
+    fn owned_addrs(&mut self, pod: PodKey) -> Result<Vec<AddrKey>, CaptureError> {
+        Ok(self
+            .hash::<AddrKey, PodKey>(maps::POD_ADDRS)?
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, owner)| *owner == pod)
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    /// Removes what the programs tracked for a pod whose links are gone (so its sockets'
+    /// releases will not): its sockets' entries, the destinations filed under its addresses,
+    /// its counter.
+    fn forget_tracked(&mut self, pod: PodKey, owned: &[AddrKey]) -> Result<(), CaptureError> {
+        let mut socks = self.hash::<u64, SockOrig>(maps::SOCK_ORIG)?;
+        let cookies: Vec<u64> = socks
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, s)| s.pod == pod)
+            .map(|(c, _)| c)
+            .collect();
+        for cookie in cookies {
+            ignore_missing(socks.remove(&cookie), maps::SOCK_ORIG)?;
+        }
+        let mut peers = self.hash::<PairKey, PeerOrig>(maps::PEER_ORIG)?;
+        let pairs: Vec<PairKey> = peers
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, _)| k)
+            .filter(|k| {
+                owned
+                    .iter()
+                    .any(|a| a.family == k.family && a.addr == k.addr)
+            })
+            .collect();
+        for pair in pairs {
+            ignore_missing(peers.remove(&pair), maps::PEER_ORIG)?;
+        }
+        ignore_missing(
+            self.hash::<PodKey, u64>(maps::POD_TRACKED)?.remove(&pod),
+            maps::POD_TRACKED,
+        )
+    }
+
+    /// A `steer_inbound` instance for the pod whose netns inode is `netns_ino`, sharing the
+    /// pinned maps, with its own `SLUICE_POD_SELF` holding the pod's key. Once its link is
+    /// pinned the instance (and its map) lives as long as the link.
+    fn inbound_instance(&mut self, netns_ino: u64) -> Result<Ebpf, CaptureError> {
+        let mut ebpf = self.instances.load(OBJECT)?;
+        let map = ebpf.map_mut(maps::POD_SELF).ok_or(CaptureError::Map {
+            map: maps::POD_SELF,
+            source: MapError::InvalidName {
+                name: maps::POD_SELF.to_owned(),
+            },
+        })?;
+        let mut own: aya::maps::Array<&mut MapData, PodKey> =
+            aya::maps::Array::try_from(map).map_err(map_err(maps::POD_SELF))?;
+        own.set(0, PodKey { netns_ino }, 0)
+            .map_err(map_err(maps::POD_SELF))?;
+        load_program(&mut ebpf, programs::STEER_INBOUND)?;
+        Ok(ebpf)
     }
 
     /// Makes `addrs` exactly the addresses owned by `pod`.
@@ -361,22 +521,7 @@ impl EbpfCapture {
         target: &impl AsFd,
         target_path: &Path,
     ) -> Result<std::os::fd::OwnedFd, CaptureError> {
-        let prog = self.ebpf.program(program).ok_or(CaptureError::Program {
-            program,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?;
-        let fd = prog
-            .fd()
-            .map_err(|source| CaptureError::Program { program, source })?;
-        let link = sys::link_create(fd.as_fd(), target.as_fd(), attach).map_err(|source| {
-            CaptureError::Attach {
-                program,
-                target: target_path.to_path_buf(),
-                source,
-            }
-        })?;
-        debug!(program, target = %target_path.display(), "link created");
-        Ok(link)
+        link_program(&self.ebpf, program, attach, target, target_path)
     }
 
     fn hash<K: aya::Pod, V: aya::Pod>(
@@ -412,6 +557,8 @@ pub enum InboundDecision {
 }
 
 const SK_DROP: u32 = 0;
+/// `bpf_map_update_elem` flag: create only.
+const BPF_NOEXIST: u64 = 1;
 /// The kernel-internal "operation not supported" errno that bpf(2) leaks to userspace.
 const ENOTSUPP: i32 = 524;
 const IPPROTO_TCP: u32 = 6;
@@ -478,6 +625,14 @@ pub fn list_pods(root: &Path) -> Result<Vec<EnrolledPod>, CaptureError> {
         }
         None => Vec::new(),
     };
+    let tracked: Vec<(PodKey, u64)> = match open_pinned(root, maps::POD_TRACKED)? {
+        Some(data) => {
+            let map: HashMap<MapData, PodKey, u64> =
+                HashMap::try_from(Map::HashMap(data)).map_err(map_err(maps::POD_TRACKED))?;
+            map.iter().filter_map(Result::ok).collect()
+        }
+        None => Vec::new(),
+    };
     let mut out = Vec::new();
     for (key, state) in pods.iter().filter_map(Result::ok) {
         let Some(uid) = PodUid::from_key(&key) else {
@@ -502,6 +657,10 @@ pub fn list_pods(root: &Path) -> Result<Vec<EnrolledPod>, CaptureError> {
                 .map(|(a, _)| ip_of(a))
                 .collect(),
             links,
+            tracked_sockets: tracked
+                .iter()
+                .find(|(pod, _)| pod.netns_ino == state.netns_ino)
+                .map_or(0, |(_, n)| *n),
         });
     }
     out.sort_by(|a, b| a.uid.cmp(&b.uid));
@@ -544,6 +703,31 @@ fn open_pinned(root: &Path, name: &'static str) -> Result<Option<MapData>, Captu
     MapData::from_pin(&path).map(Some).map_err(map_err(name))
 }
 
+fn link_program(
+    ebpf: &Ebpf,
+    program: &'static str,
+    attach: AttachType,
+    target: &impl AsFd,
+    target_path: &Path,
+) -> Result<std::os::fd::OwnedFd, CaptureError> {
+    let prog = ebpf.program(program).ok_or(CaptureError::Program {
+        program,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    let fd = prog
+        .fd()
+        .map_err(|source| CaptureError::Program { program, source })?;
+    let link = sys::link_create(fd.as_fd(), target.as_fd(), attach).map_err(|source| {
+        CaptureError::Attach {
+            program,
+            target: target_path.to_path_buf(),
+            source,
+        }
+    })?;
+    debug!(program, target = %target_path.display(), "link created");
+    Ok(link)
+}
+
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), CaptureError> {
     let prog = ebpf.program_mut(name).ok_or(CaptureError::Program {
         program: name,
@@ -554,6 +738,7 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), CaptureError>
         Program::CgroupSockAddr(p) => p.load(),
         Program::SockOps(p) => p.load(),
         Program::CgroupSockopt(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
         _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
     };
     loaded.map_err(|source| CaptureError::Program {

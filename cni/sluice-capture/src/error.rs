@@ -76,4 +76,20 @@ pub enum CaptureError {
         count: usize,
         max: usize,
     },
+
+    #[error(
+        "pod {uid} has no addresses to capture; give the addresses the node assigned it (the \
+         CNI result, or the pod's status), never ones read from inside the pod"
+    )]
+    NoAddresses { uid: String },
+
+    #[error(
+        "pod {uid} claims {addr}, which pod {owner} owns; refused (an address has one owner; if \
+         {owner} is gone, its capture must be released first)"
+    )]
+    AddressOwned {
+        uid: String,
+        addr: std::net::IpAddr,
+        owner: String,
+    },
 }

@@ -100,6 +100,7 @@ fn load_one(ebpf: &mut Ebpf, name: &str) -> Result<(), String> {
         Program::CgroupSockAddr(p) => p.load(),
         Program::SockOps(p) => p.load(),
         Program::CgroupSockopt(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
         _ => return Err("unexpected program type".to_owned()),
     };
     loaded.map_err(|e| {

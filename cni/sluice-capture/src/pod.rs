@@ -67,8 +67,13 @@ pub struct PodCapture {
     /// The pod's cgroup v2 directory. Outbound eBPF capture needs it; the iptables backend
     /// ignores it.
     pub cgroup: Option<PathBuf>,
-    /// The pod's addresses; empty means "read them from the netns".
+    /// The pod's addresses, as the node assigned them (the CNI result at ADD, the pod's status
+    /// otherwise), never read from inside the pod: a pod can add any address to its own
+    /// interfaces. Each has one owner on the node; enrolling a pod with an address another
+    /// enrolled pod owns is refused.
     pub addrs: Vec<IpAddr>,
+    /// How many captured outbound sockets the pod may have open at once (eBPF).
+    pub max_tracked_sockets: u32,
     /// Inbound ports delivered straight to the app (15008 always is).
     pub exclude_inbound_ports: Vec<u16>,
     /// Outbound destination ports that bypass the proxy.
@@ -82,6 +87,7 @@ impl PodCapture {
             netns: netns.into(),
             cgroup: None,
             addrs: Vec::new(),
+            max_tracked_sockets: sluice_common::DEFAULT_MAX_TRACKED_PER_POD,
             exclude_inbound_ports: Vec::new(),
             exclude_outbound_ports: Vec::new(),
         }
@@ -111,6 +117,7 @@ impl PodCapture {
             }
             slots[..list.len()].copy_from_slice(list);
         }
+        config.max_tracked = self.max_tracked_sockets;
         Ok(config)
     }
 }

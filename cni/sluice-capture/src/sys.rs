@@ -24,6 +24,7 @@ pub enum AttachType {
     GetSockopt = 21,
     Inet4GetPeerName = 29,
     Inet6GetPeerName = 30,
+    SockRelease = 34,
     SkLookup = 36,
 }
 

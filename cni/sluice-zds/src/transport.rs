@@ -1,10 +1,15 @@
 //! `SOCK_SEQPACKET` on a Unix socket: message boundaries kept by the kernel, ordered and
 //! reliable, and file descriptors passed with `SCM_RIGHTS`. Blocking calls; async users wrap
 //! the fd (it is a plain socket).
+//!
+//! Whoever reaches the socket can hand the proxy any netns (the agent's side) or learn every
+//! pod and refuse them service (the proxy's side), so only root may: the socket is 0600 in a
+//! 0700 directory, and each end checks the other's `SO_PEERCRED`.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use prost::Message;
@@ -66,6 +71,31 @@ fn unix_addr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     Ok((addr, len as libc::socklen_t))
 }
 
+/// The credentials the kernel recorded for the other end of a connection (`SO_PEERCRED`): the
+/// connecting process's as of its `connect`, or, seen from the connecting side, the listening
+/// process's as of its `listen`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl PeerCred {
+    /// This peer if it is root, else [`ZdsError::PeerNotRoot`]: the agent and the proxy both
+    /// run as root, so anyone else at the other end is neither.
+    pub fn require_root(self) -> Result<Self, ZdsError> {
+        if self.uid == 0 {
+            Ok(self)
+        } else {
+            Err(ZdsError::PeerNotRoot {
+                pid: self.pid,
+                uid: self.uid,
+            })
+        }
+    }
+}
+
 impl Channel {
     /// A connected pair in this process (tests, and an agent and proxy in one process).
     pub fn pair() -> io::Result<(Channel, Channel)> {
@@ -102,6 +132,17 @@ impl Channel {
     /// The process id of the peer when it connected (`SO_PEERCRED`): the agent finds the proxy's
     /// cgroup from it.
     pub fn peer_pid(&self) -> io::Result<u32> {
+        Ok(self.peer()?.pid)
+    }
+
+    /// The peer's credentials, if it is root (see [`PeerCred::require_root`]). Both ends call
+    /// this before trusting anything the other sends.
+    pub fn root_peer(&self) -> Result<PeerCred, ZdsError> {
+        self.peer()?.require_root()
+    }
+
+    /// The peer's credentials (`SO_PEERCRED`).
+    pub fn peer(&self) -> io::Result<PeerCred> {
         // SAFETY: ucred is plain data; all zeroes is a valid value.
         let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
@@ -118,7 +159,11 @@ impl Channel {
         if ret != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(cred.pid as u32)
+        Ok(PeerCred {
+            pid: cred.pid as u32,
+            uid: cred.uid,
+            gid: cred.gid,
+        })
     }
 
     /// Whether the peer has hung up, without blocking. Used between requests, when nothing is
@@ -272,22 +317,34 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds `path`, replacing a stale socket file from an earlier run.
-    pub fn bind(path: &Path) -> io::Result<Listener> {
+    /// Binds `path` with mode 0600, replacing a stale socket file from an earlier run. Its
+    /// directory is created with mode 0700 if missing; an existing one must be a directory of
+    /// mode 0700 (nothing for group or others) owned by this process's user, else
+    /// [`ZdsError::UnsafeDir`] and nothing is bound.
+    pub fn bind(path: &Path) -> Result<Listener, ZdsError> {
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        private_dir(dir)?;
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         let fd = seqpacket()?;
         let (addr, len) = unix_addr(path)?;
         // SAFETY: addr is a valid sockaddr_un of length len.
         if unsafe { libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&addr).cast(), len) } != 0 {
-            return Err(io::Error::last_os_error());
+            return Err(io::Error::last_os_error().into());
         }
+        // bind(2) gives the file the umask's mode. Nobody but us can reach it yet (the directory
+        // is ours alone, and nothing is accepted before listen), so narrowing it now leaves no
+        // window, and a directory loosened later still does not open the socket.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         // SAFETY: listen on our own bound socket.
         if unsafe { libc::listen(fd.as_raw_fd(), 16) } != 0 {
-            return Err(io::Error::last_os_error());
+            return Err(io::Error::last_os_error().into());
         }
         Ok(Listener {
             fd,
@@ -322,89 +379,46 @@ impl Drop for Listener {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::os::unix::fs::MetadataExt;
-
-    use super::*;
-    use crate::messages::workload_request::Payload;
-    use crate::messages::*;
-
-    fn ino(fd: BorrowedFd<'_>) -> u64 {
-        let file = std::fs::File::from(fd.try_clone_to_owned().unwrap());
-        file.metadata().unwrap().ino()
-    }
-
-    #[test]
-    fn a_netns_fd_travels_with_its_add() {
-        let (agent, proxy) = Channel::pair().unwrap();
-        proxy
-            .send(
-                &ZdsHello {
-                    version: Version::V1 as i32,
-                },
-                None,
+/// Makes sure `dir` is a directory only its owner, this process's user, can enter: creates it
+/// with mode 0700 if missing; an existing one is refused unless it already is such a directory
+/// (it is never loosened nor fixed here: a wrong mode or owner is for the operator to look at).
+fn private_dir(dir: &Path) -> Result<(), ZdsError> {
+    let unsafe_dir = |why: String| ZdsError::UnsafeDir {
+        dir: dir.to_path_buf(),
+        why,
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        // The umask can only have taken bits off; 0700 exactly, whatever it was.
+        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("create the ZDS socket's directory {}: {e}", dir.display()),
             )
-            .unwrap();
-        let hello: ZdsHello = agent.recv().unwrap().decode().unwrap();
-        assert_eq!(hello.version, Version::V1 as i32);
-
-        let netns = std::fs::File::open("/proc/self/ns/net").unwrap();
-        let add = WorkloadRequest {
-            payload: Some(Payload::Add(AddWorkload {
-                uid: "pod-1".into(),
-                workload_info: None,
-            })),
-        };
-        agent.send(&add, Some(netns.as_fd())).unwrap();
-        let got = proxy.recv().unwrap();
-        assert_eq!(got.decode::<WorkloadRequest>().unwrap(), add);
-        assert_eq!(got.fds.len(), 1, "exactly the one netns fd");
-        assert_eq!(
-            ino(got.fds[0].as_fd()),
-            ino(netns.as_fd()),
-            "the same namespace"
-        );
-
-        proxy.send(&WorkloadResponse::ack(Ok(())), None).unwrap();
-        let ack = agent.recv().unwrap();
-        assert_eq!(ack.bytes, [0x0a, 0x00]);
-        assert!(ack.fds.is_empty());
-    }
-
-    #[test]
-    fn a_closed_peer_reads_as_end_of_file() {
-        let (agent, proxy) = Channel::pair().unwrap();
-        drop(proxy);
-        match agent.recv() {
-            Err(ZdsError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
-            other => panic!("expected EOF, got {other:?}"),
+            .into());
         }
     }
-
-    #[test]
-    fn listener_and_connect_over_a_socket_file() {
-        let path = std::env::temp_dir().join(format!("sluice-zds-{}.sock", std::process::id()));
-        let listener = Listener::bind(&path).unwrap();
-        let proxy = Channel::connect(&path).unwrap();
-        let agent = listener.accept().unwrap();
-        agent
-            .send(
-                &WorkloadRequest {
-                    payload: Some(Payload::SnapshotSent(SnapshotSent {})),
-                },
-                None,
-            )
-            .unwrap();
-        assert_eq!(proxy.recv().unwrap().bytes, [0x1a, 0x00]);
-        assert_eq!(agent.peer_pid().unwrap(), std::process::id());
-        assert!(!agent.peer_gone(), "the proxy is still connected");
-        drop(proxy);
-        assert!(
-            agent.peer_gone(),
-            "a hung-up proxy is noticed without a request"
-        );
-        drop(listener);
-        assert!(!path.exists(), "the socket file goes with the listener");
+    let meta = std::fs::metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(unsafe_dir("not a directory".to_owned()));
     }
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(unsafe_dir(format!(
+            "owned by uid {}, not by this process's uid {me}",
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(unsafe_dir(format!(
+            "mode {mode:04o} lets group or others in"
+        )));
+    }
+    Ok(())
 }
+
+#[cfg(test)]
+mod tests;

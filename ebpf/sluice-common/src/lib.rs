@@ -24,14 +24,24 @@ pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
 pub const SO_ORIGINAL_DST: i32 = 80;
 
+/// How many captured outbound sockets one pod may have open at once, unless the loader is told
+/// otherwise: far above what a workload needs (each is a live connection), far below what would
+/// let one pod fill the node-wide maps ([`MAX_TRACKED`]). A `connect()` past it is refused.
+pub const DEFAULT_MAX_TRACKED_PER_POD: u32 = 16384;
+/// Node-wide bound on tracked captured outbound sockets (entries of `SLUICE_SOCK_ORIG` and
+/// `SLUICE_PEER_ORIG`). The maps are not preallocated: memory follows the live entries.
+pub const MAX_TRACKED: u32 = 262_144;
+
 /// How deep below the cgroup v2 root a pod's cgroup may sit (Kubernetes puts it at level 2 or
 /// 3, e.g. `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice`).
 pub const MAX_CGROUP_DEPTH: u32 = 16;
 
 /// Map names, shared so the loader can find and pin them.
 pub mod maps {
-    /// `AddrKey` → `PodKey`: which enrolled pod owns a local address (sk_lookup has no netns
-    /// cookie helper, so inbound steering is keyed by the destination address).
+    /// `AddrKey` → `PodKey`: which enrolled pod owns an address. Written only by the loader,
+    /// from addresses the node assigned (the CNI result or the pod's status), each with exactly
+    /// one owner. Outbound capture reads it to leave a pod's connections to itself alone and to
+    /// refuse sockets bound to an address the pod does not own.
     pub const POD_ADDRS: &str = "SLUICE_POD_ADDRS";
     /// `PodKey` → `PodConfig`: per-pod capture exclusions and redirect addresses.
     pub const POD_CONFIG: &str = "SLUICE_POD_CONFIG";
@@ -41,11 +51,20 @@ pub mod maps {
     /// `PodKey` → the proxy's inbound (15006) listener inside that pod (a SOCKHASH). The proxy
     /// registers itself here; an empty slot makes inbound capture refuse connections.
     pub const PROXY_INBOUND: &str = "SLUICE_PROXY_INBOUND";
-    /// socket cookie → `OrigDst`, written by connect4/6 for the app's socket.
-    pub const COOKIE_ORIG: &str = "SLUICE_COOKIE_ORIG";
-    /// `PairKey` (client side of the redirected connection) → `OrigDst`, written by sockops,
-    /// read by the proxy's `SO_ORIGINAL_DST` emulation.
-    pub const PAIR_ORIG: &str = "SLUICE_PAIR_ORIG";
+    /// socket cookie → `SockOrig`, written by connect4/6 for the app's socket, removed when
+    /// the socket is released (`forget_socket`). Counted against the pod's bound.
+    pub const SOCK_ORIG: &str = "SLUICE_SOCK_ORIG";
+    /// `PairKey` (client side of the redirected connection) → `PeerOrig`, written by sockops
+    /// only for a socket whose local address its own pod owns, read and removed by the proxy's
+    /// `SO_ORIGINAL_DST` emulation, removed by sockops when the connection closes.
+    pub const PEER_ORIG: &str = "SLUICE_PEER_ORIG";
+    /// `PodKey` → `u64`: how many `SOCK_ORIG` entries the pod has (its bound is
+    /// `PodConfig::max_tracked`). Created by the loader at enrolment.
+    pub const POD_TRACKED: &str = "SLUICE_POD_TRACKED";
+    /// Index 0 → `PodKey`: the one pod a `steer_inbound` instance serves. Not pinned: each load
+    /// of the object makes its own, written by the loader before the instance is attached
+    /// (sk_lookup has no helper that names the netns it runs in).
+    pub const POD_SELF: &str = "SLUICE_POD_SELF";
     /// Per-CPU `u64` counters indexed by [`super::Verdict`].
     pub const VERDICTS: &str = "SLUICE_VERDICTS";
     /// `PodUid` → `PodState`: userspace-only bookkeeping of enrolled pods, pinned with the rest
@@ -62,6 +81,7 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "restore_peer4";
     pub const GETPEERNAME6: &str = "restore_peer6";
     pub const GETSOCKOPT: &str = "original_dst";
+    pub const SOCK_RELEASE: &str = "forget_socket";
 }
 
 /// Identifies one pod in every per-pod map: the inode number of its network namespace.
@@ -109,7 +129,9 @@ pub struct PodConfig {
     /// Network byte order words, as in [`AddrKey`].
     pub redirect_ip6: [u32; 4],
     pub redirect_ip4: u32,
-    pub _pad: u32,
+    /// How many captured outbound sockets the pod may have at once (`SOCK_ORIG` entries);
+    /// `connect()` beyond is refused, so one pod cannot fill the node-wide maps.
+    pub max_tracked: u32,
 }
 
 /// Longest pod uid the pinned state can hold (Kubernetes uids are 36-byte UUIDs).
@@ -140,9 +162,28 @@ pub struct OrigDst {
     pub addr: [u32; 4],
 }
 
+/// What connect4/6 remembers of a captured socket: where it was going and which pod (found
+/// from the calling task's cgroup) made it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockOrig {
+    pub orig: OrigDst,
+    pub pod: PodKey,
+}
+
+/// The original destination filed under a connection's client end, with the cookie of the
+/// client socket that filed it (so only that socket's close removes it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PeerOrig {
+    pub orig: OrigDst,
+    pub cookie: u64,
+}
+
 /// The client end of a redirected connection: what the proxy sees as the peer of the socket it
 /// accepted on 15001. Unique on the node because the client's address is its pod's own (see
-/// [`PodConfig`]). `port` is in host byte order.
+/// [`PodConfig`]) and sockops files an entry only for an address the socket's pod owns (so no
+/// pod can file one under another pod's address). `port` is in host byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct PairKey {
@@ -160,10 +201,10 @@ pub enum Verdict {
     InboundSteered = 0,
     /// Inbound to 15008 or an excluded port: left to the pod's own listener.
     InboundPassPort = 1,
-    /// Inbound made inside the pod (source = destination address): the proxy's own dial to the
-    /// app, or the app connecting to itself.
+    /// Inbound made inside the pod (source = destination address, or loopback): the proxy's
+    /// own dial to the app, or the app connecting to itself.
     InboundPassLocal = 2,
-    /// Inbound to an address that belongs to no enrolled pod.
+    /// An `steer_inbound` instance loaded without a pod (never attached by the loader).
     InboundPassNotPod = 3,
     /// Inbound for an enrolled pod whose proxy socket is missing: refused (fail closed).
     InboundDropNoProxy = 4,
@@ -189,10 +230,17 @@ pub enum Verdict {
     /// Outbound `connect()` refused: the calling cgroup maps to no enrolled pod, or the pod has
     /// no address of the connection's family to redirect to (fail closed).
     OutboundDropNoPod = 14,
+    /// Outbound `connect()` refused: the pod already has `max_tracked` captured sockets open.
+    OutboundDropQuota = 15,
+    /// A captured socket's local address is not one its pod owns (a spoofed source, e.g. with
+    /// `IP_TRANSPARENT`): no original destination is filed, so the proxy refuses it.
+    OutboundSpoofRefused = 16,
+    /// Inbound lookup that is not TCP (ambient captures TCP only).
+    InboundPassNotTcp = 17,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::InboundSteered,
         Verdict::InboundPassPort,
@@ -209,6 +257,9 @@ impl Verdict {
         Verdict::OrigDstMiss,
         Verdict::PeerRestored,
         Verdict::OutboundDropNoPod,
+        Verdict::OutboundDropQuota,
+        Verdict::OutboundSpoofRefused,
+        Verdict::InboundPassNotTcp,
     ];
 
     /// A stable snake_case name for metrics and status output.
@@ -229,6 +280,9 @@ impl Verdict {
             Verdict::OrigDstMiss => "orig_dst_miss",
             Verdict::PeerRestored => "peer_restored",
             Verdict::OutboundDropNoPod => "outbound_drop_no_pod",
+            Verdict::OutboundDropQuota => "outbound_drop_quota",
+            Verdict::OutboundSpoofRefused => "outbound_spoof_refused",
+            Verdict::InboundPassNotTcp => "inbound_pass_not_tcp",
         }
     }
 }
@@ -245,7 +299,10 @@ impl PodConfig {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{AddrKey, CgroupKey, OrigDst, PairKey, PodConfig, PodKey, PodState, PodUidKey};
+    use super::{
+        AddrKey, CgroupKey, OrigDst, PairKey, PeerOrig, PodConfig, PodKey, PodState, PodUidKey,
+        SockOrig,
+    };
 
     // SAFETY: each type is #[repr(C)], made only of integers and integer arrays, with no implicit
     // padding (fields are ordered and sized so every offset is naturally aligned), so every bit
@@ -265,6 +322,10 @@ mod user {
     unsafe impl aya::Pod for PodUidKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PodState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockOrig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PeerOrig {}
 }
 
 #[cfg(test)]
@@ -280,6 +341,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<PodState>(), 16);
         assert_eq!(core::mem::size_of::<OrigDst>(), 24);
         assert_eq!(core::mem::size_of::<PairKey>(), 24);
+        assert_eq!(core::mem::size_of::<SockOrig>(), 32);
+        assert_eq!(core::mem::size_of::<PeerOrig>(), 32);
     }
 
     #[test]
@@ -289,6 +352,7 @@ mod tests {
         }
         assert_eq!(Verdict::PeerRestored as u32, 13);
         assert_eq!(Verdict::OutboundDropNoPod as u32, 14);
+        assert_eq!(Verdict::InboundPassNotTcp as u32, 17);
     }
 
     #[test]

@@ -53,3 +53,18 @@ pub fn is_local6(ip: [u32; 4]) -> bool {
 pub fn v4_mapped(ip: u32) -> [u32; 4] {
     [0, 0, V4_MAPPED_PREFIX.to_be(), ip]
 }
+
+/// 127.0.0.0/8: a destination only reachable from inside the netns.
+#[inline(always)]
+pub fn is_loopback4(ip: u32) -> bool {
+    u32::from_be(ip) >> 24 == 127
+}
+
+/// `::1` or an IPv4-mapped loopback address.
+#[inline(always)]
+pub fn is_loopback6(ip: [u32; 4]) -> bool {
+    if is_v4_mapped(ip) {
+        return is_loopback4(ip[3]);
+    }
+    ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && u32::from_be(ip[3]) == 1
+}

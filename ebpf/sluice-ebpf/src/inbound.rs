@@ -1,13 +1,21 @@
-//! Inbound steering: an sk_lookup program on each enrolled pod's netns hands TCP SYNs for the
-//! pod's addresses to the proxy's 15006 listener in that pod.
+//! Inbound steering: an sk_lookup program on each enrolled pod's netns hands every TCP SYN that
+//! arrives from outside the pod to the proxy's 15006 listener in that pod.
+//!
+//! The loader loads one instance per pod, whose own `SLUICE_POD_SELF` map (not pinned, so each
+//! load makes a fresh one) holds that pod's key (sk_lookup has no helper that names the netns
+//! it runs in, and an attach cookie is newer than Linux 5.10). The instance therefore steers by *where it runs*, not by the destination
+//! address: whatever address a connection is for (one the node assigned, a link-local one, one
+//! the pod added itself), it goes to this pod's proxy socket or is dropped. Nothing that reaches
+//! the pod's netns from outside can pass to the app around the proxy, and no pod can claim
+//! another pod's inbound traffic by adding that pod's address to its own interfaces.
 
 use aya_ebpf::bindings::{sk_action::SK_DROP, sk_action::SK_PASS};
 use aya_ebpf::macros::sk_lookup;
 use aya_ebpf::programs::SkLookupContext;
 use sluice_common::{AF_INET, AF_INET6, PORT_HBONE, Verdict};
 
-use crate::addr::{key4, key6};
-use crate::maps::{POD_ADDRS, POD_CONFIG, PROXY_INBOUND, count};
+use crate::addr::{is_loopback4, is_loopback6};
+use crate::maps::{POD_CONFIG, POD_SELF, PROXY_INBOUND, count};
 
 const IPPROTO_TCP: u32 = 6;
 const ENOENT: i32 = 2;
@@ -26,30 +34,38 @@ fn steer(ctx: &SkLookupContext) -> Verdict {
     // SAFETY: the kernel passes a valid, readable context for the program's lifetime.
     let lookup = unsafe { &*ctx.lookup };
     if lookup.protocol != IPPROTO_TCP {
+        return Verdict::InboundPassNotTcp;
+    }
+    // This instance's pod; an instance loaded for no pod (the node-wide object's, never
+    // attached) has none.
+    let Some(pod) = POD_SELF.get(0).copied() else {
+        return Verdict::InboundPassNotPod;
+    };
+    if pod.netns_ino == 0 {
         return Verdict::InboundPassNotPod;
     }
-    // A connection whose source is the destination address itself was made inside the pod:
-    // the proxy's own connection to the app, or the app talking to itself. Capturing it would
-    // loop. Nothing from outside can carry the pod's address as source: the kernel drops such
-    // packets as martians. (`ingress_ifindex` cannot tell: for a pod's own address the kernel
-    // reports the interface that owns it, not `lo`.)
-    let key = match lookup.family {
-        AF_INET if lookup.remote_ip4 == lookup.local_ip4 => return Verdict::InboundPassLocal,
-        AF_INET6 if lookup.remote_ip6 == lookup.local_ip6 => return Verdict::InboundPassLocal,
-        AF_INET => key4(lookup.local_ip4),
-        AF_INET6 => key6(lookup.local_ip6),
-        _ => return Verdict::InboundPassNotPod,
-    };
-    // SAFETY: map values are valid while the program runs; PodKey is plain data.
-    let Some(pod) = (unsafe { POD_ADDRS.get(key) }).copied() else {
-        return Verdict::InboundPassNotPod;
-    };
+    // Connections made inside the pod are not captured: loopback, and a connection whose source
+    // is its destination address (the proxy's own connection to the app, or the app talking to
+    // itself; capturing it would loop). Nothing from outside can carry the pod's own address as
+    // source: the kernel drops such packets as martians before the lookup. (`ingress_ifindex`
+    // cannot tell instead: it came in Linux 5.17, and for a pod's own address the kernel reports
+    // the interface that owns it, not `lo`.)
+    match lookup.family {
+        AF_INET if is_loopback4(lookup.local_ip4) || lookup.remote_ip4 == lookup.local_ip4 => {
+            return Verdict::InboundPassLocal;
+        }
+        AF_INET6 if is_loopback6(lookup.local_ip6) || lookup.remote_ip6 == lookup.local_ip6 => {
+            return Verdict::InboundPassLocal;
+        }
+        AF_INET | AF_INET6 => {}
+        _ => return Verdict::InboundPassNotTcp,
+    }
     // sk_lookup's local_port is in host byte order.
     let port = lookup.local_port as u16;
     if port == PORT_HBONE {
         return Verdict::InboundPassPort;
     }
-    // SAFETY: as above.
+    // SAFETY: map values are valid while the program runs; PodConfig is plain data.
     if let Some(config) = unsafe { POD_CONFIG.get(pod) }
         && config.excludes_inbound(port)
     {

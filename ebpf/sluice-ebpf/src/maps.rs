@@ -1,17 +1,16 @@
 //! The maps, pinned by name under the loader's pin directory so every pod attachment and every
 //! restart of the agent shares one set.
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, SockHash};
+use aya_ebpf::maps::{Array, HashMap, PerCpuArray, SockHash};
 use sluice_common::{
-    AddrKey, CgroupKey, OrigDst, PairKey, PodConfig, PodKey, PodState, PodUidKey, Verdict,
+    AddrKey, CgroupKey, MAX_TRACKED, PairKey, PeerOrig, PodConfig, PodKey, PodState, PodUidKey,
+    SockOrig, Verdict,
 };
 
 /// Pods per node are bounded by the kubelet (110 by default); leave ample headroom.
 const MAX_PODS: u32 = 4096;
-/// In-flight captured outbound connections whose original destination is remembered. LRU: a
-/// closed connection's entry ages out instead of needing a close hook.
-const MAX_TRACKED: u32 = 65536;
 
 #[map(name = "SLUICE_POD_ADDRS")]
 pub static POD_ADDRS: HashMap<AddrKey, PodKey> = HashMap::pinned(MAX_PODS * 4, 0);
@@ -22,14 +21,27 @@ pub static POD_CONFIG: HashMap<PodKey, PodConfig> = HashMap::pinned(MAX_PODS, 0)
 #[map(name = "SLUICE_POD_CGROUPS")]
 pub static POD_CGROUPS: HashMap<CgroupKey, PodKey> = HashMap::pinned(MAX_PODS, 0);
 
+/// The key of the one pod a `steer_inbound` instance serves. Not pinned: every load of the
+/// object makes its own, so each pod's instance carries its own (written by the loader before
+/// the instance is attached, never after).
+#[map(name = "SLUICE_POD_SELF")]
+pub static POD_SELF: Array<PodKey> = Array::with_max_entries(1, 0);
+
 #[map(name = "SLUICE_PROXY_INBOUND")]
 pub static PROXY_INBOUND: SockHash<PodKey> = SockHash::pinned(MAX_PODS, 0);
 
-#[map(name = "SLUICE_COOKIE_ORIG")]
-pub static COOKIE_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_TRACKED, 0);
+// Not LRU: an LRU map lets one pod's connect storm evict every other pod's entries. Entries are
+// removed when their socket goes (sock_release, sockops' close) and bounded per pod
+// (`POD_TRACKED` against `PodConfig::max_tracked`), so a full map refuses the newcomer and takes
+// nothing away from anyone. Not preallocated: memory follows the live entries.
+#[map(name = "SLUICE_SOCK_ORIG")]
+pub static SOCK_ORIG: HashMap<u64, SockOrig> = HashMap::pinned(MAX_TRACKED, BPF_F_NO_PREALLOC);
 
-#[map(name = "SLUICE_PAIR_ORIG")]
-pub static PAIR_ORIG: LruHashMap<PairKey, OrigDst> = LruHashMap::pinned(MAX_TRACKED, 0);
+#[map(name = "SLUICE_PEER_ORIG")]
+pub static PEER_ORIG: HashMap<PairKey, PeerOrig> = HashMap::pinned(MAX_TRACKED, BPF_F_NO_PREALLOC);
+
+#[map(name = "SLUICE_POD_TRACKED")]
+pub static POD_TRACKED: HashMap<PodKey, u64> = HashMap::pinned(MAX_PODS, 0);
 
 #[map(name = "SLUICE_VERDICTS")]
 pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(Verdict::COUNT, 0);
@@ -46,4 +58,34 @@ pub fn count(verdict: Verdict) {
         // while running.
         unsafe { *counter += 1 };
     }
+}
+
+/// Adds `delta` (two's complement for a decrement) to a pod's tracked-socket count, atomically:
+/// connects and releases of one pod run on every CPU at once. The result is unused, so LLVM
+/// emits the plain `BPF_XADD`, the one BPF atomic Linux 5.10 has (fetching forms came in 5.12).
+/// The intrinsic, because the BPF target has no compare-and-swap and so no `AtomicU64::fetch_add`.
+#[inline(always)]
+pub fn add_tracked(pod: &PodKey, delta: u64) {
+    if let Some(counter) = POD_TRACKED.get_ptr_mut(pod) {
+        // SAFETY: the pointer is a live, aligned u64 map value; every writer uses this atomic add
+        // (userspace only creates and deletes the entry).
+        #[cfg(target_arch = "bpf")]
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                counter, delta,
+            );
+        }
+        // The host build (a type check only; the programs never run there) has stable atomics.
+        // SAFETY: as above.
+        #[cfg(not(target_arch = "bpf"))]
+        unsafe { core::sync::atomic::AtomicU64::from_ptr(counter) }
+            .fetch_add(delta, core::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How many captured sockets the pod has; `None` if the pod has no counter (not enrolled).
+#[inline(always)]
+pub fn tracked(pod: &PodKey) -> Option<u64> {
+    // SAFETY: map values are valid while the program runs.
+    unsafe { POD_TRACKED.get(pod) }.copied()
 }

@@ -1,5 +1,6 @@
 //! `SO_ORIGINAL_DST` for the proxy: a getsockopt program on the proxy's own cgroup answers the
-//! question conntrack answers after an iptables REDIRECT, from what sockops recorded.
+//! question conntrack answers after an iptables REDIRECT, from what sockops recorded. The answer
+//! is keyed by the peer's (ip, port), which only the pod owning that ip can have filed.
 
 use core::ptr::write_volatile;
 
@@ -10,7 +11,7 @@ use sluice_common::{
 };
 
 use crate::addr::{key4, key6, v4_mapped};
-use crate::maps::{PAIR_ORIG, count};
+use crate::maps::{PEER_ORIG, count};
 
 const SOCKADDR_IN_LEN: usize = 16;
 const SOCKADDR_IN6_LEN: usize = 28;
@@ -54,10 +55,13 @@ fn answer(ctx: &SockoptContext) {
         addr: peer.addr,
     };
     // SAFETY: map values are valid while the program runs.
-    let Some(orig) = (unsafe { PAIR_ORIG.get(key) }).copied() else {
+    let Some(orig) = (unsafe { PEER_ORIG.get(key) }).map(|e| e.orig) else {
         count(Verdict::OrigDstMiss);
         return;
     };
+    // Used once: the proxy asks once per accepted connection. Removing it now keeps the map to
+    // connections the proxy has not accepted yet.
+    let _ = PEER_ORIG.remove(key);
     let written = if so.level == SOL_IP && orig.family == AF_INET {
         write_sockaddr_in(so, &orig)
     } else if so.level == SOL_IPV6 && family == AF_INET6 {

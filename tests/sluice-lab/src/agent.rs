@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 use sluice_capture::Backend;
 use sluice_capture::ebpf;
@@ -247,9 +247,15 @@ impl AgentLab {
         PathBuf::from(format!("/sys/fs/bpf/sluice-lab-{}", self.id))
     }
 
-    /// A file in the node's directory (`pods.yaml`, `net.d`, `zds.sock`, …).
+    /// A file in the node's directory (`pods.yaml`, `net.d`, `zds/zds.sock`, …).
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.0.join(name)
+    }
+
+    /// The hand-off socket, in a directory of its own that the agent creates 0700 (the node's
+    /// directory is readable by all, which the agent refuses for the socket).
+    pub fn zds_socket(&self) -> PathBuf {
+        self.path("zds").join("zds.sock")
     }
 
     pub fn conf_dir(&self) -> PathBuf {
@@ -272,7 +278,7 @@ impl AgentLab {
             .arg("--pin-root")
             .arg(self.pin_root())
             .arg("--zds-socket")
-            .arg(self.path("zds.sock"))
+            .arg(self.zds_socket())
             .arg("--cni-socket")
             .arg(self.path("cni.sock"))
             .arg("--state-dir")
@@ -309,7 +315,7 @@ impl AgentLab {
 
     /// As [`AgentLab::start_proxy`], with extra arguments (a mesh file and CA, for a cluster).
     pub fn start_proxy_with(&mut self, extra: &[&str]) -> Result<()> {
-        let socket = self.path("zds.sock");
+        let socket = self.zds_socket();
         let socket = socket.to_str().context("socket path")?;
         let mut args = vec!["--zds-socket", socket];
         args.extend_from_slice(extra);
@@ -344,6 +350,36 @@ impl AgentLab {
         );
         self.apply_pods_file()?;
         Ok(uid)
+    }
+
+    /// Puts a started pod's address in its status (the pods file's `ips`, or `status.podIPs`).
+    fn publish_ip(&mut self, name: &str, ip: Ipv4Addr) -> Result<()> {
+        let Some(listed) = self.listed.iter_mut().find(|p| p["name"] == name) else {
+            return Ok(()); // not in the pod list: nothing to update
+        };
+        listed["ips"] = json!([ip.to_string()]);
+        if let Some(kube) = &self.kube {
+            let namespace = listed["namespace"].as_str().unwrap_or_default().to_owned();
+            if let Some(mut object) = kube.api.object(PODS, &namespace, name) {
+                object["status"]["podIP"] = json!(ip.to_string());
+                object["status"]["podIPs"] = json!([{"ip": ip.to_string()}]);
+                kube.api.put(PODS, object);
+            }
+            return Ok(());
+        }
+        self.apply_pods_file()
+    }
+
+    /// Replaces a listed pod's addresses in the pods file (its `status.podIPs`), as a stale or
+    /// wrong pod source would.
+    pub fn set_listed_ips(&mut self, name: &str, ips: &[std::net::IpAddr]) -> Result<()> {
+        let listed = self
+            .listed
+            .iter_mut()
+            .find(|p| p["name"] == name)
+            .with_context(|| format!("pod {name} is not listed"))?;
+        listed["ips"] = json!(ips.iter().map(ToString::to_string).collect::<Vec<_>>());
+        self.apply_pods_file()
     }
 
     /// Removes a pod from the pods file (as deleting it from the API server would).
@@ -461,6 +497,8 @@ impl AgentLab {
             .with_context(|| format!("no address in the chain's result {result}"))?;
         pod.ip = address.split('/').next().unwrap_or_default().parse()?;
         pod.result = result;
+        // As kubelet does once the sandbox has its network: the pod's status gets its address.
+        self.publish_ip(name, pod.ip)?;
         let place = Placement {
             netns: pod.ns.path(),
             cgroup: Some(sandbox_cgroup),
@@ -659,9 +697,10 @@ impl AgentLab {
     pub fn captured(&self, name: &str) -> Result<bool> {
         let pod = self.pod(name)?;
         match self.backend {
+            // Recorded and every link attached: the record comes first, the links after it.
             Backend::Ebpf => Ok(ebpf::list_pods(&self.pin_root())?
                 .iter()
-                .any(|p| p.uid == pod.uid)),
+                .any(|p| p.uid == pod.uid && p.links.len() == ebpf::POD_LINKS)),
             Backend::Iptables => Ok(pod
                 .ns
                 .output(&["iptables-save", "-t", "nat"])?
@@ -695,6 +734,17 @@ impl AgentLab {
             "GET",
             "/readyz",
         )
+    }
+
+    /// `GET /metrics` on the agent: its counters, Prometheus text.
+    pub fn agent_metrics(&self) -> Result<String> {
+        let (status, body) = crate::daemon::http(
+            self.health.context("the agent has not started")?,
+            "GET",
+            "/metrics",
+        )?;
+        ensure!(status == 200, "/metrics answered {status}: {body}");
+        Ok(body)
     }
 
     /// Waits (bounded) for `/readyz` to answer `status`.
@@ -731,7 +781,9 @@ fn wait_bounded(
         if child.try_wait()?.is_some() {
             return Ok(child.wait_with_output()?);
         }
-        std::thread::sleep(Duration::from_millis(10));
+        // Finely: pod-start times a sandbox's ADD with this (a coarser poll rounds every
+        // measurement up to its step).
+        std::thread::sleep(Duration::from_millis(1));
     }
     let _ = child.kill();
     let _ = child.wait();

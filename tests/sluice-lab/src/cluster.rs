@@ -268,6 +268,8 @@ impl Cluster {
             let uid = PodUid::parse(&format!("{}-{id}", spec.name))?;
             let mut capture = PodCapture::new(uid.clone(), ns.path());
             capture.cgroup = Some(cgroup.path.clone());
+            // The addresses the node assigned, as the CNI result would say.
+            capture.addrs = vec![ip.into(), ip6.into()];
             cluster_pods.push(ClusterPod {
                 name: spec.name,
                 uid,
@@ -310,6 +312,42 @@ impl Cluster {
             .iter()
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no pod {name} in this cluster"))
+    }
+
+    /// The pod's interface inside its netns (its end of the veth to the node's bridge).
+    pub fn pod_interface(&self, name: &str) -> String {
+        let k = self
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in this cluster"));
+        format!("sl{}p{k}", self.id)
+    }
+
+    /// Node `n`'s eBPF pin root (its verdict counters and pinned pods).
+    pub fn pin_root(&self, n: usize) -> PathBuf {
+        Path::new("/sys/fs/bpf").join(format!("sluice-lab-{}-n{n}", self.id))
+    }
+
+    /// Enrols the meshed pod `name` again on its node's capture, with `change` applied to what
+    /// it is captured with (as an agent capturing it again would). The spec is kept only if the
+    /// enrolment succeeds.
+    pub fn recapture(
+        &mut self,
+        name: &str,
+        change: impl FnOnce(&mut PodCapture),
+    ) -> Result<(), sluice_capture::CaptureError> {
+        let pod = self
+            .pods
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in this cluster"));
+        let mut spec = pod.capture.clone();
+        change(&mut spec);
+        // Captures are started in node order, one per node.
+        self.captures[pod.node].enroll(&spec)?;
+        pod.capture = spec;
+        Ok(())
     }
 
     pub fn mesh_file(&self) -> PathBuf {
@@ -383,7 +421,7 @@ impl Cluster {
     /// Captures the node's meshed pods and starts its proxy for them.
     fn start_node(&mut self, n: usize, proxy_args: &[&str]) -> Result<()> {
         let proxy_cgroup = CgroupGuard::new(&format!("sluice-{}-proxy{n}", self.id))?;
-        let pin_root = Path::new("/sys/fs/bpf").join(format!("sluice-lab-{}-n{n}", self.id));
+        let pin_root = self.pin_root(n);
         let mut capture: Box<dyn Redirector> = match self.backend {
             Backend::Ebpf => {
                 self.pins.push(PinRootGuard {

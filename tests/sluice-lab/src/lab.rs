@@ -222,6 +222,8 @@ impl Lab {
         let proxy_cgroup = CgroupGuard::new(&format!("sluice-{id}-proxy"))?;
         let mut pod = PodCapture::new(PodUid::parse(&format!("pod-{id}"))?, pod_ns.path());
         pod.cgroup = Some(pod_cgroup.path.clone());
+        // What the node assigned (as a CNI result would say), never read from inside the pod.
+        pod.addrs = vec![POD_IP.into()];
         Ok(Self {
             id,
             backend,
@@ -237,7 +239,8 @@ impl Lab {
 
     /// Gives both hosts an IPv6 address on their link too (before [`Lab::capture`], so the
     /// pod's address list includes it). `nodad`: usable at once, no duplicate detection wait.
-    pub fn add_ipv6(&self) -> Result<()> {
+    pub fn add_ipv6(&mut self) -> Result<()> {
+        self.pod.addrs.push(POD_IP6.into());
         let (pod_if, peer_if) = (format!("sl{}p", self.id), format!("sl{}q", self.id));
         self.pod_ns.exec(&[
             "ip",

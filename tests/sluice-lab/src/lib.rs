@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cluster;
 pub mod daemon;
 pub mod demo;
+pub mod hostile;
 pub mod lab;
 pub mod proxy;
 

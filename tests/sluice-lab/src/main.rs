@@ -84,6 +84,38 @@ enum App {
         #[arg(long, default_value_t = 1000)]
         count: usize,
     },
+    /// Tries `count` connections, holds those that opened until stdin closes; prints a JSON
+    /// count of opened and refused (a connect storm).
+    Storm {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+    /// Short echo connections in a loop (each closed with a reset, so no TIME_WAIT holds its
+    /// port); prints a JSON count of those that worked and the first errors.
+    Repeat {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long, default_value_t = 100_000)]
+        max: u64,
+    },
+    /// Hostile: connects from another pod's address (`IP_TRANSPARENT`) on each port of a range,
+    /// in a loop, to `to`; prints a JSON count of attempts.
+    Spoof {
+        #[arg(long)]
+        from: std::net::IpAddr,
+        #[arg(long)]
+        first_port: u16,
+        #[arg(long)]
+        ports: u16,
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        seconds: f64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -109,6 +141,24 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::App(App::Hold { to, count }) => sluice_lab::app::hold(to, count),
+        Cmd::App(App::Storm { to, count }) => sluice_lab::hostile::storm(to, count),
+        Cmd::App(App::Repeat { to, seconds, max }) => {
+            println!("{}", sluice_lab::hostile::repeat(to, seconds, max));
+            Ok(())
+        }
+        Cmd::App(App::Spoof {
+            from,
+            first_port,
+            ports,
+            to,
+            seconds,
+        }) => {
+            println!(
+                "{}",
+                sluice_lab::hostile::spoof(from, first_port, ports, to, seconds)
+            );
+            Ok(())
+        }
         Cmd::App(App::Session { to }) => sluice_lab::app::session(to),
         Cmd::App(App::Connrate { to, seconds, max }) => {
             println!("{}", sluice_lab::app::connrate(to, seconds, max));

@@ -257,8 +257,24 @@ impl Endpoints {
                     ("tunnelled", h.tunnelled.load(Relaxed)),
                     ("bad_request", h.bad_request.load(Relaxed)),
                     ("not_local", h.not_local.load(Relaxed)),
+                    ("proxy_port", h.proxy_port.load(Relaxed)),
+                    ("special_address", h.special_address.load(Relaxed)),
                     ("denied", h.denied.load(Relaxed)),
                     ("upstream_failed", h.upstream_failed.load(Relaxed)),
+                ],
+            );
+        }
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let z = &self.stats.zds;
+            counter_family(
+                &mut out,
+                "sluice_zds_refused_total",
+                "What the proxy refused of the agent's hand-off socket, by reason.",
+                "reason",
+                &[
+                    ("peer_not_root", z.peer_not_root.load(Relaxed)),
+                    ("node_netns", z.node_netns.load(Relaxed)),
                 ],
             );
         }

@@ -4,9 +4,10 @@
 //! - [`H2Stream`] turns one CONNECT stream into an `AsyncRead + AsyncWrite` byte pipe, with
 //!   HTTP/2 flow control released as the reader consumes data.
 //! - [`open_stream`] is the client side of one tunnelled connection over a pooled connection.
-//! - [`serve`] is the server side: each stream's `:authority` must be a workload on this node;
-//!   the app is dialled first, and 200 is answered only once that worked (400 for a malformed or
-//!   foreign target, 503 when the app refuses).
+//! - [`serve`] is the server side: each stream's `:authority` must be the very address the
+//!   tunnel arrived on (in a pod's netns, the pod's own), on a port that is not the proxy's
+//!   ([`check_target`]); the app is dialled first, and 200 is answered only once that worked
+//!   (400 for a malformed or refused target, 503 when the app refuses).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -195,8 +196,6 @@ pub async fn open_stream(
 
 /// What the server side needs from its surroundings.
 pub trait Inbound: Send + Sync + 'static {
-    /// Whether `addr` is a workload this node serves (the only targets a CONNECT may name).
-    fn is_local(&self, addr: SocketAddr) -> bool;
     /// Whether `peer`, connecting from `source`, may reach `target`; `Err` names the policy
     /// that denies it (the stream is answered 401).
     fn authorize(&self, target: SocketAddr, peer: &Identity, source: IpAddr) -> Result<(), String>;
@@ -239,7 +238,14 @@ pub struct ServerStats {
     pub streams: AtomicU64,
     pub tunnelled: AtomicU64,
     pub bad_request: AtomicU64,
+    /// CONNECTs to an address other than the one the tunnel arrived on: another pod's,
+    /// another node's, anything the peer should have dialled itself.
     pub not_local: AtomicU64,
+    /// CONNECTs to one of the proxy's own ports (15001, 15006, 15008): a tunnel into the
+    /// proxy itself, to nest tunnels or to skip the policy of the port behind.
+    pub proxy_port: AtomicU64,
+    /// CONNECTs to a loopback, unspecified or multicast address: never a pod's app.
+    pub special_address: AtomicU64,
     /// Streams refused by an authorization policy (401), and tunnels closed by a policy change.
     pub denied: AtomicU64,
     pub upstream_failed: AtomicU64,
@@ -271,6 +277,15 @@ pub async fn accept(
     drain: tokio::sync::watch::Receiver<bool>,
 ) {
     let remote = tcp.peer_addr().ok();
+    // The address the client dialled: the only one its streams may name as their target.
+    let local = match tcp.local_addr() {
+        Ok(local) => crate::socket::canonical(local),
+        Err(e) => {
+            stats.not_local.fetch_add(1, Ordering::Relaxed);
+            info!(remote = ?remote, error = %e, "HBONE connection without a local address; closed");
+            return;
+        }
+    };
     let _ = tcp.set_nodelay(true);
     let mut tls = match acceptor.accept(tcp).await {
         Ok(tls) => tls,
@@ -292,7 +307,7 @@ pub async fn accept(
             let source = remote.map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |r| {
                 crate::socket::canonical(r).ip()
             });
-            serve(tls, peer, source, inbound, stats, drain).await
+            serve(tls, peer, (source, local), inbound, stats, drain).await
         }
         other => {
             stats.bad_identity.fetch_add(1, Ordering::Relaxed);
@@ -301,15 +316,16 @@ pub async fn accept(
     }
 }
 
-/// Serves one authenticated HBONE connection from `peer` until the client closes it. Each
-/// stream runs on its own task; errors close the stream and are counted, never panic.
+/// Serves one authenticated HBONE connection from `peer` at `source` that arrived on `local`
+/// until the client closes it. Each stream runs on its own task; errors close the stream and
+/// are counted, never panic.
 ///
 /// When `drain` turns true the connection sends GOAWAY: the client opens no new stream on it,
 /// the streams already open run to their end, and then the connection closes.
 pub async fn serve<IO, I>(
     io: IO,
     peer: Identity,
-    source: IpAddr,
+    (source, local): (IpAddr, SocketAddr),
     inbound: Arc<I>,
     stats: Arc<ServerStats>,
     mut drain: tokio::sync::watch::Receiver<bool>,
@@ -349,7 +365,7 @@ pub async fn serve<IO, I>(
         tokio::spawn(serve_stream(
             request,
             respond,
-            (peer.clone(), source),
+            (peer.clone(), source, local),
             inbound.clone(),
             stats.clone(),
         ));
@@ -360,7 +376,7 @@ pub async fn serve<IO, I>(
 async fn serve_stream<I: Inbound>(
     request: Request<RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
-    (peer, source): (Arc<Identity>, IpAddr),
+    (peer, source, local): (Arc<Identity>, IpAddr, SocketAddr),
     inbound: Arc<I>,
     stats: Arc<ServerStats>,
 ) {
@@ -379,11 +395,14 @@ async fn serve_stream<I: Inbound>(
             return refuse(&mut respond, StatusCode::BAD_REQUEST);
         }
     };
-    if !inbound.is_local(target) {
-        stats.not_local.fetch_add(1, Ordering::Relaxed);
-        info!(peer = %peer, %target, "HBONE target is not a workload on this node (400)");
-        return refuse(&mut respond, StatusCode::BAD_REQUEST);
-    }
+    let target = match check_target(target, local) {
+        Ok(target) => target,
+        Err(refused) => {
+            refused.counter(&stats).fetch_add(1, Ordering::Relaxed);
+            info!(peer = %peer, %target, arrived_on = %local, reason = refused.reason(), "HBONE target refused (400)");
+            return refuse(&mut respond, StatusCode::BAD_REQUEST);
+        }
+    };
     if let Err(policy) = inbound.authorize(target, &peer, source) {
         stats.denied.fetch_add(1, Ordering::Relaxed);
         info!(target: "access", peer = %peer, src = %source, dst = %target, policy, "connection denied by policy (401)");
@@ -458,6 +477,71 @@ async fn revoked<I: Inbound>(
             return policy;
         }
     }
+}
+
+/// Why a well-formed CONNECT target is refused (400). Each is counted on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetRefused {
+    /// Loopback, unspecified or multicast.
+    SpecialAddress,
+    /// Not the address the tunnel arrived on.
+    NotLocal,
+    /// 15001, 15006 or 15008.
+    ProxyPort,
+}
+
+impl TargetRefused {
+    /// The reason as logged.
+    pub fn reason(self) -> &'static str {
+        match self {
+            TargetRefused::SpecialAddress => {
+                "a loopback, unspecified or multicast address is never a pod's app"
+            }
+            TargetRefused::NotLocal => {
+                "not the address the tunnel arrived on (a tunnel only reaches its own pod)"
+            }
+            TargetRefused::ProxyPort => "a port of the proxy itself (15001, 15006, 15008)",
+        }
+    }
+
+    /// The counter this refusal goes to.
+    pub fn counter(self, stats: &ServerStats) -> &AtomicU64 {
+        match self {
+            TargetRefused::SpecialAddress => &stats.special_address,
+            TargetRefused::NotLocal => &stats.not_local,
+            TargetRefused::ProxyPort => &stats.proxy_port,
+        }
+    }
+}
+
+/// The proxy's own ports: a connection or tunnel to one of them would come straight back into
+/// the proxy (a loop, a nested tunnel, or a way around the policy of the port behind).
+pub fn is_proxy_port(port: u16) -> bool {
+    use sluice_capture::{PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND};
+    port == PORT_OUTBOUND || port == PORT_INBOUND || port == PORT_HBONE
+}
+
+/// Checks a CONNECT target against `arrived_on`, the local address of the tunnel's TCP
+/// connection (in a pod's netns, one of the pod's own addresses): the target must be that very
+/// address (IPv4-mapped IPv6 and IPv4 compare equal), not a loopback, unspecified or multicast
+/// one, on a port that is not the proxy's. As ztunnel does, a peer may only reach the app of the
+/// pod it tunnelled to. Returns the target in canonical form, the one to dial.
+pub fn check_target(
+    target: SocketAddr,
+    arrived_on: SocketAddr,
+) -> Result<SocketAddr, TargetRefused> {
+    let target = crate::socket::canonical(target);
+    let ip = target.ip();
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+        return Err(TargetRefused::SpecialAddress);
+    }
+    if ip != crate::socket::canonical(arrived_on).ip() {
+        return Err(TargetRefused::NotLocal);
+    }
+    if is_proxy_port(target.port()) {
+        return Err(TargetRefused::ProxyPort);
+    }
+    Ok(target)
 }
 
 /// The target of a well-formed HBONE request: `CONNECT` with an `ip:port` authority.
@@ -547,4 +631,77 @@ pub async fn copy(
         Ok::<_, io::Error>(total)
     };
     tokio::try_join!(from_tunnel, to_tunnel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("test address")
+    }
+
+    #[test]
+    fn a_target_is_the_arrival_address_on_a_port_that_is_not_the_proxys() {
+        let on = addr("10.1.0.5:15008");
+        let mapped_on = addr("[::ffff:10.1.0.5]:15008");
+        let on6 = addr("[fd00::5]:15008");
+        let app = addr("10.1.0.5:8080");
+        assert_eq!(check_target(app, on), Ok(app));
+        assert_eq!(
+            check_target(app, mapped_on),
+            Ok(app),
+            "IPv4 on a dual-stack listener"
+        );
+        assert_eq!(
+            check_target(addr("[::ffff:10.1.0.5]:8080"), on),
+            Ok(app),
+            "the mapped form is the same address, dialled as IPv4"
+        );
+        assert_eq!(
+            check_target(addr("[fd00::5]:8080"), on6),
+            Ok(addr("[fd00::5]:8080"))
+        );
+        for port in [15001, 15006, 15008] {
+            for arrived in [on, mapped_on, on6] {
+                let target = SocketAddr::new(arrived.ip(), port);
+                assert_eq!(
+                    check_target(target, arrived),
+                    Err(TargetRefused::ProxyPort),
+                    "{target}"
+                );
+            }
+        }
+        for (target, arrived) in [
+            ("10.1.0.6:8080", on),
+            ("[fd00::5]:8080", on),
+            ("10.1.0.5:8080", on6),
+            ("[fd00::6]:8080", on6),
+        ] {
+            assert_eq!(
+                check_target(addr(target), arrived),
+                Err(TargetRefused::NotLocal),
+                "{target} on {arrived}"
+            );
+        }
+        let loopback = addr("127.0.0.1:15008");
+        for target in [
+            "127.0.0.1:8080",
+            "127.0.0.2:8080",
+            "[::1]:8080",
+            "[::ffff:127.0.0.1]:8080",
+            "0.0.0.0:8080",
+            "[::]:8080",
+            "224.0.0.1:8080",
+            "[ff02::1]:8080",
+        ] {
+            for arrived in [on, loopback] {
+                assert_eq!(
+                    check_target(addr(target), arrived),
+                    Err(TargetRefused::SpecialAddress),
+                    "{target} on {arrived}"
+                );
+            }
+        }
+    }
 }

@@ -48,7 +48,8 @@ pub struct MeshContext {
     pub idle_timeout: Duration,
 }
 
-/// What the agent said of a pod it handed over (ZDS `WorkloadInfo`).
+/// What the agent said of a pod it handed over (ZDS `WorkloadInfo`; empty fields when it sent
+/// none).
 #[derive(Clone, Debug)]
 pub struct HandedOver {
     pub namespace: String,
@@ -64,6 +65,7 @@ fn own_identity(
     uid: &PodUid,
     handed: Option<&HandedOver>,
 ) -> Option<Identity> {
+    let handed_without_identity = handed.is_some();
     let handed = handed.filter(|h| !h.namespace.is_empty() && !h.service_account.is_empty());
     match (mesh.workload(uid.as_str()), handed) {
         (Some((w, identity)), None) if w.protocol == Protocol::Hbone => Some(identity.clone()),
@@ -74,10 +76,41 @@ fn own_identity(
             service_account: h.service_account.clone(),
         }),
         (Some(_), None) => None,
+        (None, None) if handed_without_identity => {
+            warn!(pod = %uid, "pod handed over without a namespace or service account, and not in the mesh file: no identity, so no HBONE into it; its plaintext inbound stays under policy (all denied without a namespace)");
+            None
+        }
         (None, None) => {
             warn!(pod = %uid, "pod is not a workload in the mesh file and was not handed over by an agent: no identity, its traffic is passed through");
             None
         }
+    }
+}
+
+/// Who the policies see in pod `uid`: the mesh file's workload (its namespace and labels);
+/// else, for a pod the agent handed over, a workload of the namespace the agent named whose
+/// labels are unknown (selectors then fail closed); `Ok(None)` only for a pod served without an
+/// agent that the mesh file does not list, whose traffic is passed through.
+fn policy_target<'a>(
+    mesh: &'a crate::mesh::Mesh,
+    uid: &PodUid,
+    handed: Option<&'a HandedOver>,
+) -> Result<Option<Target<'a>>, String> {
+    match (mesh.workload(uid.as_str()), handed) {
+        (Some((workload, _)), _) => Ok(Some(Target {
+            namespace: &workload.namespace,
+            labels: Some(&workload.labels),
+        })),
+        (None, Some(h)) if h.namespace.is_empty() => Err(
+            "the pod was handed over without a namespace and the mesh file does not list it: \
+             no policy scope is known, so nothing is allowed"
+                .to_owned(),
+        ),
+        (None, Some(h)) => Ok(Some(Target {
+            namespace: &h.namespace,
+            labels: None,
+        })),
+        (None, None) => Ok(None),
     }
 }
 
@@ -96,9 +129,13 @@ impl TcpConnect for PodTcp {
     }
 }
 
-/// The 15008 side of one pod: a CONNECT may only name this pod's own addresses.
+/// The 15008 side of one pod. The server admits only CONNECTs to the address a tunnel arrived
+/// on, which inside the pod's netns is one of the pod's own (see `hbone::check_target`).
 struct PodInbound {
     uid: PodUid,
+    /// The identity the pod's 15008 certificate names.
+    identity: Identity,
+    handed: Option<HandedOver>,
     netns: Arc<Netns>,
     mesh: Arc<MeshWatch>,
     stats: Arc<Stats>,
@@ -129,17 +166,12 @@ fn set_destination(labels: &mut Labels, mesh: &crate::mesh::Mesh, uid: &str) {
 }
 
 impl hbone::Inbound for PodInbound {
-    fn is_local(&self, addr: SocketAddr) -> bool {
-        self.mesh
-            .current()
-            .workload(self.uid.as_str())
-            .is_some_and(|(w, _)| w.ips.contains(&addr.ip()))
-    }
-
     fn authorize(&self, target: SocketAddr, peer: &Identity, source: IpAddr) -> Result<(), String> {
         let mesh = self.mesh.current();
-        let Some((workload, _)) = mesh.workload(self.uid.as_str()) else {
-            return Err("the pod is not a workload of the mesh".to_owned());
+        // Served on 15008 means handed over or listed: `None` only if the mesh file dropped a
+        // pod served without an agent, which is then no workload to allow anything into.
+        let Some(workload) = policy_target(&mesh, &self.uid, self.handed.as_ref())? else {
+            return Err("the pod is no longer a workload of the mesh".to_owned());
         };
         let connection = Connection {
             source_ip: source,
@@ -147,7 +179,7 @@ impl hbone::Inbound for PodInbound {
             destination_ip: target.ip(),
             destination_port: target.port(),
         };
-        match mesh.policies.authorize(&target_of(workload), &connection) {
+        match mesh.policies.authorize(&workload, &connection) {
             Verdict::Allow => Ok(()),
             Verdict::Deny { policy } => Err(policy),
         }
@@ -158,9 +190,7 @@ impl hbone::Inbound for PodInbound {
     }
 
     fn local_identity(&self) -> Option<String> {
-        let mesh = self.mesh.current();
-        mesh.workload(self.uid.as_str())
-            .map(|(_, id)| id.to_string())
+        Some(self.identity.to_string())
     }
 
     fn tunnel_opened(&self, _target: SocketAddr, peer: &Identity, source: IpAddr) {
@@ -207,6 +237,9 @@ impl Direction {
 /// What every connection of a pod shares.
 struct PodContext {
     uid: PodUid,
+    /// Set when the agent handed the pod over: it is then under policy even if the mesh file
+    /// does not list it.
+    handed: Option<HandedOver>,
     netns: Arc<Netns>,
     copy: CopyMode,
     stats: Arc<Stats>,
@@ -298,6 +331,8 @@ impl PodProxy {
                         );
                         let inbound = Arc::new(PodInbound {
                             uid: uid.clone(),
+                            identity: identity.clone(),
+                            handed: handed.clone(),
                             netns: netns.clone(),
                             mesh: shared.mesh.clone(),
                             stats: stats.clone(),
@@ -335,6 +370,7 @@ impl PodProxy {
         };
         let ctx = Arc::new(PodContext {
             uid: uid.clone(),
+            handed,
             netns,
             copy,
             stats,
@@ -524,7 +560,7 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
         _ => None,
     };
     if let Some((shared, src)) = policy
-        && let Err(policy) = plaintext_allowed(&shared.mesh, &ctx.uid, src, dst)
+        && let Err(policy) = plaintext_allowed(&shared.mesh, ctx, src, dst)
     {
         Stats::incr(&stats.denied);
         info!(target: "access", dst = %dst, policy, "plaintext connection denied by policy; reset");
@@ -544,7 +580,7 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
     let result = match policy {
         Some((shared, src)) => tokio::select! {
             result = copy::bidirectional(ctx.copy, &mut client, &mut upstream) => result,
-            policy = plaintext_revoked(&shared.mesh, &ctx.uid, src, dst) => {
+            policy = plaintext_revoked(&shared.mesh, ctx, src, dst) => {
                 Stats::incr(&stats.denied);
                 stats.tcp.closed(&labels, 0, 0);
                 info!(target: "access", dst = %dst, policy, "connection closed: a policy change denies it");
@@ -680,28 +716,20 @@ fn plaintext_labels(direction: Direction, ctx: &PodContext, source: Option<Socke
     labels
 }
 
-/// The policy view of a workload.
-fn target_of(workload: &crate::mesh::Workload) -> Target<'_> {
-    Target {
-        namespace: &workload.namespace,
-        labels: &workload.labels,
-    }
-}
-
-/// Whether a plaintext connection from `src` may reach `dst` in pod `uid`: refused under
-/// STRICT mTLS, else authorized without an identity. Pods outside the mesh file have no
-/// policies.
+/// Whether a plaintext connection from `src` may reach `dst` in the pod: refused under STRICT
+/// mTLS, else authorized without an identity. Every pod the agent handed over is under policy
+/// (see [`policy_target`]); only a pod served without an agent and missing from the mesh file
+/// has none.
 fn plaintext_allowed(
     mesh: &MeshWatch,
-    uid: &PodUid,
+    ctx: &PodContext,
     src: SocketAddr,
     dst: SocketAddr,
 ) -> Result<(), String> {
     let mesh = mesh.current();
-    let Some((workload, _)) = mesh.workload(uid.as_str()) else {
+    let Some(target) = policy_target(&mesh, &ctx.uid, ctx.handed.as_ref())? else {
         return Ok(());
     };
-    let target = target_of(workload);
     let mtls = mesh.policies.mtls(&target, dst.port());
     if mtls.mode == MtlsMode::Strict {
         return Err(format!("{} (PeerAuthentication STRICT)", mtls.policy));
@@ -721,7 +749,7 @@ fn plaintext_allowed(
 /// Resolves once a policy change denies a live plaintext connection.
 async fn plaintext_revoked(
     mesh: &MeshWatch,
-    uid: &PodUid,
+    ctx: &PodContext,
     src: SocketAddr,
     dst: SocketAddr,
 ) -> String {
@@ -730,7 +758,7 @@ async fn plaintext_revoked(
         if changes.changed().await.is_err() {
             return std::future::pending().await;
         }
-        if let Err(policy) = plaintext_allowed(mesh, uid, src, dst) {
+        if let Err(policy) = plaintext_allowed(mesh, ctx, src, dst) {
             return policy;
         }
     }
@@ -780,5 +808,5 @@ fn destination(client: &TcpStream, direction: Direction) -> std::io::Result<Sock
 
 /// An inbound connection for one of the proxy's own ports would come straight back to it.
 fn is_own_port(port: u16) -> bool {
-    port == PORT_OUTBOUND || port == PORT_INBOUND || port == PORT_HBONE
+    hbone::is_proxy_port(port)
 }

@@ -242,7 +242,7 @@ async fn run(args: Args, set_log_level: admin::SetLogLevel) -> Result<()> {
     let (connected, mut connections) = tokio::sync::mpsc::unbounded_channel();
     match &args.zds_socket {
         Some(path) => {
-            zds::spawn(path.clone(), commands, connected);
+            zds::spawn(path.clone(), commands, connected, stats.clone());
             // Ready once the agent is reached: its snapshot follows.
             connections.recv().await;
             println!(
@@ -342,10 +342,12 @@ fn handle(command: zds::Command, pods: &mut HashMap<PodUid, PodProxy>, env: PodE
                 old.stop(sockets.as_mut());
             }
             // Handed over by the agent: the pod is captured, so it is in the mesh (as ztunnel
-            // treats every pod it is given), with the identity the agent named.
-            let handed = workload.map(|w| HandedOver {
-                namespace: w.namespace,
-                service_account: w.service_account,
+            // treats every pod it is given), with the identity the agent named, and under
+            // policy even without that (then nothing is allowed into it in plaintext).
+            let workload = workload.unwrap_or_default();
+            let handed = Some(HandedOver {
+                namespace: workload.namespace,
+                service_account: workload.service_account,
             });
             let result = PodProxy::start(
                 uid.clone(),

@@ -13,6 +13,11 @@
 //! An object that cannot be read fails closed: it denies every connection in its scope (its
 //! namespace, narrowed by its selector if that part is readable) until it is fixed, and the
 //! problem is reported with its name and field. Other objects are unaffected.
+//!
+//! A workload whose labels are unknown (handed over by the agent, not in the mesh file) is
+//! still under every policy of its namespace and the mesh; a selector that cannot be evaluated
+//! is read the way that fails closed: a DENY selects it, an ALLOW selects it but cannot grant,
+//! a PeerAuthentication counts where it is stricter.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -204,7 +209,20 @@ impl Rule {
 #[derive(Clone, Copy, Debug)]
 pub struct Target<'a> {
     pub namespace: &'a str,
-    pub labels: &'a BTreeMap<String, String>,
+    /// `None` when the labels are unknown: a pod the agent handed over that the mesh file does
+    /// not list (ZDS's `WorkloadInfo` carries no labels). A `selector` then cannot be evaluated,
+    /// and each kind of object takes the answer that fails closed (see [`Policies::authorize`]
+    /// and [`Policies::mtls`]).
+    pub labels: Option<&'a BTreeMap<String, String>>,
+}
+
+/// Whether an object's scope takes in a workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Selected {
+    Yes,
+    No,
+    /// In the scope's namespace, but its selector names labels and the workload's are unknown.
+    Unknown,
 }
 
 /// Which workloads an object applies to.
@@ -216,12 +234,19 @@ struct Scope {
 }
 
 impl Scope {
-    fn applies_to(&self, target: &Target<'_>) -> bool {
-        (self.namespace == ROOT_NAMESPACE || self.namespace == target.namespace)
-            && self
-                .selector
-                .as_ref()
-                .is_none_or(|labels| labels.iter().all(|(k, v)| target.labels.get(k) == Some(v)))
+    fn selects(&self, target: &Target<'_>) -> Selected {
+        if self.namespace != ROOT_NAMESPACE && self.namespace != target.namespace {
+            return Selected::No;
+        }
+        // An empty `matchLabels` selects every workload, whatever its labels.
+        let Some(selector) = self.selector.as_ref().filter(|s| !s.is_empty()) else {
+            return Selected::Yes;
+        };
+        match target.labels {
+            Some(labels) if selector.iter().all(|(k, v)| labels.get(k) == Some(v)) => Selected::Yes,
+            Some(_) => Selected::No,
+            None => Selected::Unknown,
+        }
     }
 }
 
@@ -353,6 +378,11 @@ impl Policies {
     }
 
     /// Authorizes a connection to `target`.
+    ///
+    /// Where `target`'s labels are unknown, a policy whose selector cannot be evaluated is
+    /// taken to select the workload (a DENY then denies, an ALLOW then has to match) but never
+    /// to grant: with such ALLOW policies in scope, only one that selects the workload for
+    /// sure can allow.
     pub fn authorize(&self, target: &Target<'_>, c: &Connection<'_>) -> Verdict {
         if let Some(why) = &self.pending {
             return Verdict::Deny {
@@ -362,31 +392,78 @@ impl Policies {
         let applicable = || {
             self.authorization
                 .iter()
-                .filter(|p| p.scope.applies_to(target))
+                .map(|p| (p, p.scope.selects(target)))
+                .filter(|(_, selected)| *selected != Selected::No)
         };
-        if let Some(p) =
-            applicable().find(|p| (p.action == Action::Deny || p.broken.is_some()) && p.matches(c))
+        if let Some((p, _)) = applicable()
+            .find(|(p, _)| (p.action == Action::Deny || p.broken.is_some()) && p.matches(c))
         {
             return Verdict::Deny { policy: p.id() };
         }
         let mut allows = applicable()
-            .filter(|p| p.action == Action::Allow)
+            .filter(|(p, _)| p.action == Action::Allow)
             .peekable();
         if allows.peek().is_none() {
             return Verdict::Allow;
         }
-        if allows.any(|p| p.matches(c)) {
-            Verdict::Allow
-        } else {
-            Verdict::Deny {
-                policy: "no ALLOW policy matched".to_owned(),
+        let mut unchecked = None;
+        for (p, selected) in allows {
+            if !p.matches(c) {
+                continue;
             }
+            if selected == Selected::Yes {
+                return Verdict::Allow;
+            }
+            unchecked.get_or_insert(p);
         }
+        let policy = match unchecked {
+            Some(p) => format!(
+                "{} would allow, but its selector cannot be checked: the workload's labels are \
+                 unknown (list the pod in the mesh file)",
+                p.id()
+            ),
+            None => "no ALLOW policy matched".to_owned(),
+        };
+        Verdict::Deny { policy }
     }
 
     /// The mTLS mode for `target`'s `port`: a workload-selecting object in its namespace
     /// (port-level first), then its namespace's, then the mesh-wide one; PERMISSIVE by default.
+    ///
+    /// Where `target`'s labels are unknown, a workload-selecting object that may select it
+    /// counts only where it is stricter than what applies otherwise (its STRICT wins, its
+    /// PERMISSIVE or DISABLE never loosens a STRICT namespace or mesh).
     pub fn mtls(&self, target: &Target<'_>, port: u16) -> Mtls {
+        let resolved = self.mtls_known(target, port);
+        let in_ns = |p: &&PeerAuthentication| p.scope.namespace == target.namespace;
+        self.peer
+            .iter()
+            .filter(in_ns)
+            .filter(|p| p.scope.selector.is_some() && p.scope.selects(target) == Selected::Unknown)
+            .filter_map(|p| {
+                let mode = [p.ports.get(&port).copied(), Some(p.mode)]
+                    .into_iter()
+                    .flatten()
+                    .find(|m| *m != MtlsMode::Unset)?;
+                Some(Mtls {
+                    mode,
+                    policy: format!(
+                        "{}/{} (its selector taken to match: the workload's labels are unknown)",
+                        p.scope.namespace, p.name
+                    ),
+                })
+            })
+            .fold(resolved, |strictest, candidate| {
+                if strictness(candidate.mode) > strictness(strictest.mode) {
+                    candidate
+                } else {
+                    strictest
+                }
+            })
+    }
+
+    /// [`Policies::mtls`] from the objects known to select `target` (or not to).
+    fn mtls_known(&self, target: &Target<'_>, port: u16) -> Mtls {
         if let Some(why) = &self.pending {
             return Mtls {
                 mode: MtlsMode::Strict,
@@ -398,7 +475,7 @@ impl Policies {
             .peer
             .iter()
             .filter(in_ns)
-            .find(|p| p.scope.selector.is_some() && p.scope.applies_to(target));
+            .find(|p| p.scope.selector.is_some() && p.scope.selects(target) == Selected::Yes);
         let namespace = self
             .peer
             .iter()
@@ -428,6 +505,16 @@ impl Policies {
                     policy: format!("{}/{}", p.scope.namespace, p.name),
                 },
             )
+    }
+}
+
+/// How much a mode asks of a client: DISABLE < PERMISSIVE < STRICT (UNSET inherits, so it
+/// is never chosen on its own).
+fn strictness(mode: MtlsMode) -> u8 {
+    match mode {
+        MtlsMode::Unset | MtlsMode::Disable => 0,
+        MtlsMode::Permissive => 1,
+        MtlsMode::Strict => 2,
     }
 }
 

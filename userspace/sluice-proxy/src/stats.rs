@@ -26,6 +26,8 @@ pub struct Stats {
     pub pool_handshakes: std::sync::Arc<AtomicU64>,
     /// Istio's TCP metrics, per label set.
     pub tcp: crate::metrics::TcpMetrics,
+    /// What the proxy refused of the agent's hand-off.
+    pub zds: crate::zds::ZdsStats,
 }
 
 impl Stats {

@@ -6,9 +6,17 @@
 //! On disconnect the thread reconnects (bounded backoff) and the agent sends a new snapshot;
 //! the pods keep running meanwhile, and capture stays in place, so nothing is passed around the
 //! proxy while it is away from the agent.
+//!
+//! What the socket says is trusted only so far: its listener must be root (`SO_PEERCRED`),
+//! else it is not the agent and nothing is read from it; and an `add` whose netns is the
+//! proxy's own (the node's) is refused, as it would put the proxy's listeners on the node.
 
 use std::collections::HashSet;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use sluice_capture::PodUid;
@@ -18,6 +26,17 @@ use sluice_zds::messages::{Version, WorkloadRequest, WorkloadResponse, ZdsHello}
 use sluice_zds::{Channel, ZdsError};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
+
+use crate::stats::Stats;
+
+/// Hand-off refusals, by reason: `sluice_zds_refused_total{reason}`.
+#[derive(Debug, Default)]
+pub struct ZdsStats {
+    /// Connections to a socket whose listener is not root: not the agent.
+    pub peer_not_root: AtomicU64,
+    /// `add` requests carrying the proxy's own netns, the node's.
+    pub node_netns: AtomicU64,
+}
 
 /// What the runtime is asked to do; `reply` carries the ack's error, if any.
 pub enum Command {
@@ -46,11 +65,12 @@ pub fn spawn(
     path: PathBuf,
     commands: mpsc::Sender<Command>,
     connected: mpsc::UnboundedSender<()>,
+    stats: Arc<Stats>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match session(&path, &commands, &connected) {
+            match session(&path, &commands, &connected, &stats) {
                 Ok(()) => return, // the runtime is gone: the proxy is stopping
                 Err(e) => {
                     warn!(socket = %path.display(), error = %e, "ZDS session ended; reconnecting")
@@ -67,8 +87,18 @@ fn session(
     path: &Path,
     commands: &mpsc::Sender<Command>,
     connected: &mpsc::UnboundedSender<()>,
+    stats: &Stats,
 ) -> Result<(), ZdsError> {
     let channel = Channel::connect(path)?;
+    // For a connected socket SO_PEERCRED names whoever called listen(2): the agent is root.
+    if let Err(e) = channel.root_peer() {
+        if let ZdsError::PeerNotRoot { pid, uid } = &e {
+            Stats::incr(&stats.zds.peer_not_root);
+            warn!(socket = %path.display(), peer_pid = pid, peer_uid = uid,
+                  "refused the hand-off socket: its listener is not root, so it is not the agent");
+        }
+        return Err(e);
+    }
     channel.send(
         &ZdsHello {
             version: Version::V1 as i32,
@@ -106,6 +136,24 @@ fn session(
                     continue;
                 }
                 let fd = received.fds.remove(0);
+                match is_own_netns(&fd) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        Stats::incr(&stats.zds.node_netns);
+                        warn!(pod = %uid, "refused an add carrying the node's own netns (the proxy's): a pod never runs there");
+                        let why = format!(
+                            "add {uid}: the netns is the node's own (the proxy's); a pod's netns \
+                             is never the node's: refused"
+                        );
+                        channel.send(&WorkloadResponse::ack(Err(why)), None)?;
+                        continue;
+                    }
+                    Err(e) => {
+                        let why = format!("add {uid}: read the netns fd: {e}");
+                        channel.send(&WorkloadResponse::ack(Err(why)), None)?;
+                        continue;
+                    }
+                }
                 snapshot.insert(uid.clone());
                 let netns = Netns::from_fd(fd, format!("zds:{uid}"));
                 Command::Add {
@@ -152,4 +200,12 @@ fn session(
             .unwrap_or_else(|_| Err("the proxy is stopping".to_owned()));
         channel.send(&WorkloadResponse::ack(result), None)?;
     }
+}
+
+/// Whether `fd` is the netns this thread runs in, the node's. Asked of this thread's own
+/// (`thread-self`): the runtime's threads visit pods' netns to make sockets, this one never does.
+fn is_own_netns(fd: &OwnedFd) -> std::io::Result<bool> {
+    let theirs = std::fs::File::from(fd.try_clone()?).metadata()?;
+    let ours = std::fs::metadata("/proc/thread-self/ns/net")?;
+    Ok((theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()))
 }

@@ -1,6 +1,10 @@
-//! HBONE client ↔ server in one process over loopback: the real CA, TLS configs, pool and
-//! server, with an echo app behind the server. Bad peers and bad requests must be refused with
-//! the right status and counted, never panic.
+//! HBONE client ↔ server in one process: the real CA, TLS configs, pool and server, with an
+//! echo app behind the server. Bad peers and bad requests must be refused with the right status
+//! and counted, never panic.
+//!
+//! The server and the app listen on one of the host's own non-loopback addresses, as a pod's
+//! 15008 listener and app share the pod's address: the server tunnels only to the address a
+//! connection arrived on, and never to loopback.
 
 // A test binary: a failed unwrap in a helper is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
@@ -56,15 +60,15 @@ fn store(dir: &TempDir) -> Arc<CertStore> {
     CertStore::new(ca, Duration::from_secs(3600)).unwrap()
 }
 
-/// Every address on 127.0.0.0/8 is "a workload on this node", in namespace `default` with no
-/// labels, under the real policy engine (no policies: everything is allowed).
+/// The pod behind the server: a workload of namespace `default` with no labels, under the real
+/// policy engine (no policies: everything is allowed).
 #[derive(Default)]
-struct Loopback {
+struct Pod {
     policies: std::sync::RwLock<Policies>,
     changes: tokio::sync::watch::Sender<u64>,
 }
 
-impl Loopback {
+impl Pod {
     /// Puts new policy objects in force, as a mesh reload does.
     fn set_policies(&self, yaml: &str) {
         let objects: Vec<serde_yaml::Value> = serde_yaml::from_str(yaml).unwrap();
@@ -75,16 +79,12 @@ impl Loopback {
     }
 }
 
-impl Inbound for Loopback {
-    fn is_local(&self, addr: SocketAddr) -> bool {
-        addr.ip().is_loopback()
-    }
-
+impl Inbound for Pod {
     fn authorize(&self, target: SocketAddr, peer: &Identity, source: IpAddr) -> Result<(), String> {
         let labels = std::collections::BTreeMap::new();
         let target_workload = Target {
             namespace: "default",
-            labels: &labels,
+            labels: Some(&labels),
         };
         let connection = Connection {
             source_ip: source,
@@ -124,9 +124,61 @@ impl Inbound for Loopback {
     }
 }
 
-/// An echo app; returns its address.
+/// One of this host's own IPv4 addresses that is not loopback (nor link-local): where the
+/// tests' servers and apps listen, as a pod's do on the pod's address.
+fn host_ip() -> IpAddr {
+    static HOST: std::sync::OnceLock<IpAddr> = std::sync::OnceLock::new();
+    *HOST.get_or_init(|| {
+        let mut found = None;
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs fills `list` with a linked list that we only read, then free once.
+        unsafe {
+            assert_eq!(libc::getifaddrs(&mut list), 0, "getifaddrs failed");
+            let mut next = list;
+            while let Some(ifa) = next.as_ref() {
+                next = ifa.ifa_next;
+                let up = ifa.ifa_flags & libc::IFF_UP as u32 != 0;
+                let lo = ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0;
+                if !up || lo || ifa.ifa_addr.is_null() {
+                    continue;
+                }
+                if i32::from((*ifa.ifa_addr).sa_family) != libc::AF_INET {
+                    continue;
+                }
+                let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                if !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified() {
+                    found = Some(IpAddr::V4(ip));
+                    break;
+                }
+            }
+            libc::freeifaddrs(list);
+        }
+        found.expect(
+            "these tests need one non-loopback IPv4 address on an interface that is up \
+             (an HBONE server never tunnels to loopback); bring one up, e.g. a dummy interface",
+        )
+    })
+}
+
+/// An echo app on the host's address; returns its address.
 async fn echo_app() -> SocketAddr {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    echo_app_on(TcpListener::bind((host_ip(), 0)).await.unwrap())
+}
+
+/// A listener on every address, IPv4 and IPv6 alike (`[::]`, dual-stack), at port `port`.
+fn dual_stack(port: u16) -> TcpListener {
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+    socket.set_only_v6(false).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let any: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, port).into();
+    socket.bind(&any.into()).unwrap();
+    socket.listen(128).unwrap();
+    TcpListener::from_std(socket.into()).unwrap()
+}
+
+/// An echo app accepting on `listener`; returns its address.
+fn echo_app_on(listener: TcpListener) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -160,21 +212,35 @@ async fn draining_server(
     Arc<ServerStats>,
     tokio::sync::watch::Sender<bool>,
 ) {
-    draining_server_with(store, local, Arc::new(Loopback::default())).await
+    draining_server_with(store, local, Arc::new(Pod::default())).await
 }
 
 /// As [`draining_server`], serving `inbound` (whose policies the test changes).
 async fn draining_server_with(
     store: &Arc<CertStore>,
     local: &Identity,
-    inbound: Arc<Loopback>,
+    inbound: Arc<Pod>,
+) -> (
+    SocketAddr,
+    Arc<ServerStats>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let listener = TcpListener::bind((host_ip(), 0)).await.unwrap();
+    server_on(listener, store, local, inbound)
+}
+
+/// Serves HBONE on `listener`.
+fn server_on(
+    listener: TcpListener,
+    store: &Arc<CertStore>,
+    local: &Identity,
+    inbound: Arc<Pod>,
 ) -> (
     SocketAddr,
     Arc<ServerStats>,
     tokio::sync::watch::Sender<bool>,
 ) {
     let (drain, draining) = tokio::sync::watch::channel(false);
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config(local).unwrap());
     let stats = Arc::new(ServerStats::default());
@@ -521,7 +587,7 @@ async fn malformed_oversized_and_foreign_connects_are_refused_and_counted() {
     assert_eq!(stats.not_local.load(Ordering::Relaxed), 1);
 
     // A closed port behind a valid, local target: 503, counted.
-    let closed = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let closed = TcpListener::bind((host_ip(), 0)).await.unwrap();
     let closed_addr = closed.local_addr().unwrap();
     drop(closed);
     let refused = hbone::open_stream(send.clone(), closed_addr, client_addr()).await;
@@ -557,6 +623,156 @@ async fn malformed_oversized_and_foreign_connects_are_refused_and_counted() {
         "oversized headers must not open a tunnel"
     );
 
+    assert_eq!(stats.tunnelled.load(Ordering::Relaxed), 1);
+}
+
+/// A hand-made CONNECT to `target` (as written, so any form can be tried); its status, or None
+/// if the stream was reset instead.
+async fn connect_status(
+    send: &h2::client::SendRequest<Bytes>,
+    target: &str,
+) -> Option<http::StatusCode> {
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(target)
+        .body(())
+        .unwrap();
+    request_status(send.clone(), request).await
+}
+
+/// Whether a legitimate tunnel to `app` still carries bytes over `send`.
+async fn still_tunnels(send: &h2::client::SendRequest<Bytes>, app: SocketAddr) {
+    let tunnel = hbone::open_stream(send.clone(), app, client_addr())
+        .await
+        .unwrap();
+    let (sent, received) = echo_through(tunnel, 64 * 1024).await;
+    assert_eq!(sent, received, "the legitimate target still works");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_to_a_port_of_the_proxy_itself_is_refused_and_counted() {
+    let dir = TempDir::new("proxy-ports");
+    let store = store(&dir);
+    let ca = Ca::load(&dir.0).unwrap();
+    let app = echo_app().await;
+    let (server, stats) = hbone_server(&store, &id("productpage")).await;
+    let send = h2_as_sleep(&ca, server).await;
+    // The pod's own address, as a tunnel into the pod's 15008 would name it: a nested tunnel
+    // (15008), the outbound capture (15001) or the inbound one (15006), all of the proxy.
+    for port in [15008, 15001, 15006] {
+        let target = SocketAddr::new(server.ip(), port);
+        assert_eq!(
+            connect_status(&send, &target.to_string()).await,
+            Some(http::StatusCode::BAD_REQUEST),
+            "CONNECT {target}"
+        );
+    }
+    assert_eq!(stats.proxy_port.load(Ordering::Relaxed), 3);
+    assert_eq!(stats.not_local.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        stats.upstream_failed.load(Ordering::Relaxed),
+        0,
+        "nothing was dialled"
+    );
+    still_tunnels(&send, app).await;
+    assert_eq!(stats.tunnelled.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_to_another_address_than_the_tunnel_arrived_on_is_refused_and_counted() {
+    let dir = TempDir::new("foreign");
+    let store = store(&dir);
+    let ca = Ca::load(&dir.0).unwrap();
+    // The app listens everywhere: only the server's check keeps the other addresses out.
+    let app_port = echo_app_on(dual_stack(0)).port();
+    let app = SocketAddr::new(host_ip(), app_port);
+    let (server, stats) = hbone_server(&store, &id("productpage")).await;
+    let send = h2_as_sleep(&ca, server).await;
+    let foreign = [
+        "10.255.0.9:80".to_owned(),
+        format!("[::ffff:10.255.0.9]:{app_port}"),
+        format!("[fd00:99::77]:{app_port}"),
+    ];
+    for target in &foreign {
+        assert_eq!(
+            connect_status(&send, target).await,
+            Some(http::StatusCode::BAD_REQUEST),
+            "CONNECT {target}"
+        );
+    }
+    assert_eq!(stats.not_local.load(Ordering::Relaxed), 3);
+    still_tunnels(&send, app).await;
+    // The same address in its IPv4-mapped form is the same address: allowed.
+    let mapped = match host_ip() {
+        IpAddr::V4(v4) => format!("[{}]:{app_port}", v4.to_ipv6_mapped()),
+        IpAddr::V6(_) => unreachable!("host_ip is IPv4"),
+    };
+    assert_eq!(
+        connect_status(&send, &mapped).await,
+        Some(http::StatusCode::OK),
+        "CONNECT {mapped}"
+    );
+    assert_eq!(stats.tunnelled.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_to_loopback_is_refused_even_where_the_app_listens_and_the_tunnel_arrived() {
+    let dir = TempDir::new("loopback");
+    let store = store(&dir);
+    let ca = Ca::load(&dir.0).unwrap();
+    let app_port = echo_app_on(dual_stack(0)).port();
+    let specials = [
+        format!("127.0.0.1:{app_port}"),
+        format!("[::1]:{app_port}"),
+        format!("[::ffff:127.0.0.1]:{app_port}"),
+        format!("0.0.0.0:{app_port}"),
+        format!("224.0.0.1:{app_port}"),
+    ];
+    let (server, stats) = hbone_server(&store, &id("productpage")).await;
+    let send = h2_as_sleep(&ca, server).await;
+    for target in &specials {
+        assert_eq!(
+            connect_status(&send, target).await,
+            Some(http::StatusCode::BAD_REQUEST),
+            "CONNECT {target}"
+        );
+    }
+    assert_eq!(stats.special_address.load(Ordering::Relaxed), 5);
+    still_tunnels(&send, SocketAddr::new(host_ip(), app_port)).await;
+
+    // A tunnel that arrived on loopback (someone inside the pod dialling its 15008) may not
+    // name loopback either: nothing on loopback is ever a tunnel's target.
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let (server, stats, _drain) = server_on(listener, &store, &id("productpage"), Arc::default());
+    let send = h2_as_sleep(&ca, server).await;
+    let target = format!("127.0.0.1:{app_port}");
+    assert_eq!(
+        connect_status(&send, &target).await,
+        Some(http::StatusCode::BAD_REQUEST),
+        "CONNECT {target} over loopback"
+    );
+    assert_eq!(stats.special_address.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.tunnelled.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_into_a_dual_stack_listener_over_ipv4_reaches_the_ipv4_target() {
+    let dir = TempDir::new("mapped");
+    let store = store(&dir);
+    let ca = Ca::load(&dir.0).unwrap();
+    let app = echo_app().await;
+    // As a pod's 15008 listener: `[::]`, so IPv4 tunnels arrive on `::ffff:a.b.c.d`.
+    let listener = dual_stack(0);
+    let port = listener.local_addr().unwrap().port();
+    let (_, stats, _drain) = server_on(listener, &store, &id("productpage"), Arc::default());
+    let send = h2_as_sleep(&ca, SocketAddr::new(host_ip(), port)).await;
+    still_tunnels(&send, app).await;
+    assert_eq!(
+        connect_status(&send, &SocketAddr::new(host_ip(), 15008).to_string()).await,
+        Some(http::StatusCode::BAD_REQUEST),
+        "the proxy ports stay refused in the mapped form too"
+    );
+    assert_eq!(stats.proxy_port.load(Ordering::Relaxed), 1);
     assert_eq!(stats.tunnelled.load(Ordering::Relaxed), 1);
 }
 
@@ -740,7 +956,7 @@ async fn a_denied_peer_gets_401_and_a_policy_change_closes_its_live_tunnel() {
     let dir = TempDir::new("policy");
     let store = store(&dir);
     let app = echo_app().await;
-    let inbound = Arc::new(Loopback::default());
+    let inbound = Arc::new(Pod::default());
     inbound.set_policies(ONLY_SLEEP);
     let (server, stats, _drain) =
         draining_server_with(&store, &id("productpage"), inbound.clone()).await;

@@ -41,7 +41,7 @@ fn decide(mesh: &MeshWatch, sa: &str) -> Verdict {
     let labels = BTreeMap::from([("app".to_owned(), "productpage".to_owned())]);
     let target = Target {
         namespace: "default",
-        labels: &labels,
+        labels: Some(&labels),
     };
     let peer = Identity::new("cluster.local", "default", sa).unwrap();
     mesh.policies.authorize(
@@ -128,7 +128,7 @@ async fn cluster_policies_apply_after_the_first_list_and_follow_every_change() {
     let labels = BTreeMap::new();
     let any = Target {
         namespace: "default",
-        labels: &labels,
+        labels: Some(&labels),
     };
     eventually("STRICT is in force", || {
         mesh.current().policies.mtls(&any, 80).mode == MtlsMode::Strict

@@ -220,3 +220,28 @@ async fn a_pod_the_watch_has_not_delivered_is_fetched_with_its_namespace() {
         false,
     );
 }
+
+#[test]
+fn pod_addresses_come_from_the_status() {
+    let mut object = pod("shop", "cart", "node-a", json!({}));
+    let read = |o: &Value| -> Vec<String> {
+        pod_info(&serde_json::from_value(o.clone()).unwrap())
+            .unwrap()
+            .ips
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    };
+    assert_eq!(read(&object), ["10.1.0.7"], "podIP alone (older clusters)");
+    object["status"]["podIPs"] = json!([{"ip": "10.1.0.7"}, {"ip": "fd00::7"}]);
+    assert_eq!(
+        read(&object),
+        ["10.1.0.7", "fd00::7"],
+        "podIPs, both families"
+    );
+    object["status"] = json!({"phase": "Pending"});
+    assert!(
+        read(&object).is_empty(),
+        "no address before the sandbox has one"
+    );
+}

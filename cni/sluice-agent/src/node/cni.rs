@@ -74,7 +74,14 @@ impl Node {
             .ok()
             .and_then(|mut c| c.remove(&pod.uid));
         self.deleted.remove(&pod.uid);
-        self.capture_pod(&pod, netns, netns_path.into(), cgroup, request.ips.clone())
+        // The CNI result is the node's word on the sandbox's addresses (the status may still
+        // name an earlier sandbox's, or none yet).
+        let addrs = if request.ips.is_empty() {
+            pod.ips.clone()
+        } else {
+            request.ips.clone()
+        };
+        self.capture_pod(&pod, netns, netns_path.into(), cgroup, addrs)
             .map_err(|e| {
                 failed(
                     ErrorCode::EnrolmentFailed,

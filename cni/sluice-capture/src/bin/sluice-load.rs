@@ -44,8 +44,9 @@ struct Args {
     #[arg(long, env = "SLUICE_POD")]
     pod: Option<String>,
 
-    /// A pod address to steer inbound (repeatable); defaults to every non-loopback address
-    /// found in the netns.
+    /// A pod address, as the node assigned it (repeatable). Without any, this debugging tool
+    /// reads them from inside the netns and says so: the agent never does (a pod can add any
+    /// address to its own interfaces), it takes them from the CNI result or the pod's status.
     #[arg(long = "addr")]
     addrs: Vec<IpAddr>,
 
@@ -148,6 +149,15 @@ fn pod_capture(args: &Args, netns_arg: &str) -> Result<PodCapture> {
     let mut pod = PodCapture::new(uid, netns.path());
     pod.cgroup = args.cgroup.clone();
     pod.addrs = args.addrs.clone();
+    if pod.addrs.is_empty() && !args.detach {
+        pod.addrs = netns
+            .addresses()
+            .with_context(|| format!("list the addresses in netns {netns_arg}"))?;
+        eprintln!(
+            "sluice-load: no --addr given; using the addresses found inside the netns: {:?}",
+            pod.addrs
+        );
+    }
     pod.exclude_inbound_ports = args.exclude_inbound_ports.clone();
     pod.exclude_outbound_ports = args.exclude_outbound_ports.clone();
     Ok(pod)
@@ -174,11 +184,12 @@ fn status(args: &Args) -> Result<()> {
     for pod in &pods {
         let addrs: Vec<String> = pod.addrs.iter().map(ToString::to_string).collect();
         println!(
-            "  {:<24} netns-ino {:<11} cgroup-id {:<8} addrs {:<28} links {}",
+            "  {:<24} netns-ino {:<11} cgroup-id {:<8} addrs {:<28} tracked-sockets {:<6} links {}",
             pod.uid,
             pod.netns_ino,
             pod.cgroup_id,
             addrs.join(","),
+            pod.tracked_sockets,
             pod.links.join(",")
         );
     }

@@ -390,3 +390,46 @@ pub fn in_kubernetes_mode_labelling_a_namespace_meshes_and_marks_its_pods(
     connects(&lab, "client", to, "after removing the label")?;
     Ok(())
 }
+
+/// A pod source that names, for one pod, an address another captured pod owns (a stale status
+/// after an address was reused, or a wrong pods file): the owner keeps its traffic, the claimer
+/// is refused and counted (`sluice_agent_pods_refused_total{reason="address_conflict"}`), and
+/// the agent says so in `/readyz`. Fixing the source meshes the claimer with its own address.
+pub fn a_pod_claiming_another_pods_address_is_refused(backend: Backend) -> Result<()> {
+    let pods = [("a-owner", "shop"), ("b-claimer", "shop")];
+    let mut lab = node(
+        backend,
+        CgroupDriver::Cgroupfs,
+        &[("shop", false)],
+        &pods,
+        true,
+    )?;
+    start(&mut lab, &pods)?;
+    let owner_ip = lab.pod("a-owner")?.ip;
+    let claimer_ip = lab.pod("b-claimer")?.ip;
+    lab.set_listed_ips("b-claimer", &[owner_ip.into()])?;
+    lab.set_namespace("shop", true)?;
+    lab.wait_captured("a-owner", true)?;
+    lab.wait_readyz(
+        503,
+        &format!("address {owner_ip} belongs to captured pod shop/a-owner"),
+    )?;
+    ensure!(
+        !lab.captured("b-claimer")?,
+        "the claimer must not be captured"
+    );
+    let metrics = lab.agent_metrics()?;
+    ensure!(
+        metrics.contains("sluice_agent_pods_refused_total{reason=\"address_conflict\"}"),
+        "the refusal is counted: {metrics}"
+    );
+    let (_server, to) = serve(&lab, "a-owner", 9090)?;
+    connects(&lab, "b-claimer", to, "to the owner while the claim stands")?;
+    lab.proxy()?
+        .wait_for_log(&["direction=\"inbound\"", &format!("dst={to}")])?;
+
+    lab.set_listed_ips("b-claimer", &[claimer_ip.into()])?;
+    lab.wait_captured("b-claimer", true)?;
+    lab.wait_ready(200)?;
+    Ok(())
+}

@@ -1,7 +1,8 @@
 //! The sk_lookup program on synthetic lookups (`BPF_PROG_TEST_RUN`) against live maps: every
-//! inbound verdict, including which socket a steered connection is handed to.
+//! inbound verdict, including which socket a steered connection is handed to. Each pod has its
+//! own instance, which steers by the netns it runs in, whatever the destination address.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::os::fd::AsRawFd;
 
 use sluice_capture::ebpf::{self, EbpfCapture, InboundDecision};
@@ -45,11 +46,12 @@ fn steer_inbound_decides_every_case_as_designed() {
     let mut lab = Lab::new(Backend::Ebpf).unwrap();
     lab.pod.exclude_inbound_ports = vec![2222];
     lab.capture().unwrap();
-    let capture = EbpfCapture::load(lab.pin_root()).unwrap();
+    let mut capture = EbpfCapture::load(lab.pin_root()).unwrap();
     let root = lab.pin_root();
+    let uid = lab.pod.uid.clone();
     let from_peer = addr(PEER_IP, 40000);
     let refused_before = count(&root, Verdict::InboundDropNoProxy);
-    let first = capture.simulate_inbound(from_peer, addr(POD_IP, 8080));
+    let first = capture.simulate_inbound(&uid, from_peer, addr(POD_IP, 8080));
     if let Err(err @ sluice_capture::CaptureError::Unsupported { .. }) = &first {
         // Mainline has sk_lookup test_run from 5.14 (Debian's 5.10.0-46 build runs it too). Where
         // it is missing, the loader must say so and name the feature; the verdicts themselves
@@ -80,15 +82,37 @@ fn steer_inbound_decides_every_case_as_designed() {
             addr(POD_IP, 8080),
         ),
         (
-            "an address of no enrolled pod",
-            from_peer,
-            addr(Ipv4Addr::new(10, 99, 0, 77), 8080),
+            "loopback inside the pod",
+            addr(Ipv4Addr::LOCALHOST, 40000),
+            addr(Ipv4Addr::new(127, 0, 0, 9), 8080),
         ),
     ] {
         assert_eq!(
-            capture.simulate_inbound(src, dst).unwrap(),
+            capture.simulate_inbound(&uid, src, dst).unwrap(),
             InboundDecision::Passed,
             "{what} must not be captured"
+        );
+    }
+    // Addresses the node did not assign the pod are captured all the same: the instance knows
+    // which netns it runs in, so nothing reaches the app around the proxy.
+    for (what, dst) in [
+        (
+            "an address the pod added itself",
+            addr(Ipv4Addr::new(10, 99, 0, 77), 8080),
+        ),
+        (
+            "a link-local IPv6 address",
+            SocketAddr::new("fe80::1".parse::<IpAddr>().unwrap(), 8080),
+        ),
+    ] {
+        let src = match dst {
+            SocketAddr::V4(_) => from_peer,
+            SocketAddr::V6(_) => SocketAddr::new("fe80::2".parse::<IpAddr>().unwrap(), 40000),
+        };
+        assert_eq!(
+            capture.simulate_inbound(&uid, src, dst).unwrap(),
+            InboundDecision::Refused,
+            "{what} must be captured (refused with no proxy socket)"
         );
     }
 
@@ -103,7 +127,7 @@ fn steer_inbound_decides_every_case_as_designed() {
     sockets.register(&listener).unwrap();
     assert_eq!(
         capture
-            .simulate_inbound(from_peer, addr(POD_IP, 8080))
+            .simulate_inbound(&uid, from_peer, addr(POD_IP, 8080))
             .unwrap(),
         InboundDecision::Steered {
             socket_cookie: socket_cookie(&listener)
@@ -116,12 +140,12 @@ fn steer_inbound_decides_every_case_as_designed() {
     // close() a little (seen once in the QEMU leg), so wait for it, bounded.
     let deadline = std::time::Instant::now() + sluice_lab::WAIT;
     let mut decision = capture
-        .simulate_inbound(from_peer, addr(POD_IP, 8080))
+        .simulate_inbound(&uid, from_peer, addr(POD_IP, 8080))
         .unwrap();
     while decision != InboundDecision::Refused && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
         decision = capture
-            .simulate_inbound(from_peer, addr(POD_IP, 8080))
+            .simulate_inbound(&uid, from_peer, addr(POD_IP, 8080))
             .unwrap();
     }
     assert_eq!(

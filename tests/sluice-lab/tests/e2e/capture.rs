@@ -250,8 +250,8 @@ pub fn loader_restart_keeps_capture_and_adopts_the_pod(backend: Backend) -> Resu
         let pods = ebpf::list_pods(&lab.pin_root())?;
         ensure!(
             pods.iter()
-                .any(|p| p.uid == lab.pod.uid.as_str() && p.links.len() == 6),
-            "the reloaded loader should see the pod's 6 links: {pods:?}"
+                .any(|p| p.uid == lab.pod.uid.as_str() && p.links.len() == ebpf::POD_LINKS),
+            "the reloaded loader should see all the pod's links: {pods:?}"
         );
     }
     reloaded.remove(&lab.pod)?;

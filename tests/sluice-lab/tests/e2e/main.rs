@@ -9,6 +9,8 @@ mod bpf;
 mod capture;
 mod cleanup;
 mod demo;
+mod hostile;
+mod hostile_peers;
 mod mesh;
 mod policy;
 mod zds;
@@ -65,6 +67,17 @@ mod authz {
     );
 }
 
+/// Hostile pods on the same node: address claims, spoofed sources, link-local and later-added
+/// addresses, connect storms. Each attack fails, the victim is unaffected, the refusal is named.
+mod hostile_pod {
+    for_both_backends!(hostile:
+        a_pod_cannot_claim_another_pods_addresses,
+        a_spoofed_source_cannot_redirect_another_pods_connections,
+        link_local_and_later_added_addresses_are_captured,
+        a_connect_storm_cannot_evict_another_pods_capture,
+    );
+}
+
 /// The proxy driven over ZDS by the test acting as the agent.
 mod handoff {
     for_both_backends!(zds: the_agent_hands_pods_to_the_proxy_over_zds);
@@ -85,5 +98,18 @@ mod node_agent {
         a_proxy_restart_keeps_capture_fails_closed_then_resumes,
         a_pod_that_cannot_be_captured_is_retried_and_keeps_the_agent_unready,
         in_kubernetes_mode_labelling_a_namespace_meshes_and_marks_its_pods,
+        a_pod_claiming_another_pods_address_is_refused,
+    );
+}
+
+/// Hostile peers of the proxy: plaintext into a handed-over pod the mesh file does not list,
+/// HBONE CONNECTs to the proxy's ports, other addresses and loopback, an impostor on the agent's
+/// socket, an `add` carrying the node's netns.
+mod hostile_peer {
+    for_both_backends!(hostile_peers:
+        plaintext_to_a_handed_over_pod_missing_from_the_mesh_file_is_refused_under_strict_and_allow_only,
+        hbone_connects_to_proxy_ports_other_addresses_and_loopback_get_400,
+        the_proxy_refuses_an_agent_socket_whose_listener_is_not_root,
+        the_proxy_refuses_an_add_carrying_the_nodes_own_netns,
     );
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use sluice_capture::Backend;
 use sluice_lab::app;
-use sluice_lab::lab::{Lab, POD_IP};
+use sluice_lab::lab::{DirGuard, Lab, POD_IP};
 use sluice_lab::proxy::ProxyProcess;
 use sluice_zds::messages::workload_request::Payload;
 use sluice_zds::messages::*;
@@ -48,7 +48,9 @@ fn add(uid: &str) -> Payload {
 pub fn the_agent_hands_pods_to_the_proxy_over_zds(backend: Backend) -> Result<()> {
     let mut lab = Lab::new(backend)?;
     lab.capture()?;
-    let socket = std::env::temp_dir().join(format!("sluice-{}-zds.sock", lab.id));
+    // The agent's socket lives in a private (0700) directory, which `bind` creates.
+    let dir = DirGuard::new(&format!("sluice-{}-zds", lab.id))?;
+    let socket = dir.0.join("zds").join("zds.sock");
     let listener = Listener::bind(&socket)?;
     let socket_arg = socket.to_str().context("socket path")?;
     let proxy = ProxyProcess::spawn(

@@ -20,24 +20,35 @@ fn ip(s: &str) -> IpAddr {
 
 struct Case {
     namespace: &'static str,
-    labels: BTreeMap<String, String>,
+    /// `None`: unknown, as for a pod handed over by the agent that the mesh file does not list.
+    labels: Option<BTreeMap<String, String>>,
 }
 
 impl Case {
     fn new(namespace: &'static str, labels: &[(&str, &str)]) -> Self {
         Self {
             namespace,
-            labels: labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// A workload of `namespace` whose labels are unknown.
+    fn unlabelled(namespace: &'static str) -> Self {
+        Self {
+            namespace,
+            labels: None,
         }
     }
 
     fn target(&self) -> Target<'_> {
         Target {
             namespace: self.namespace,
-            labels: &self.labels,
+            labels: self.labels.as_ref(),
         }
     }
 }
@@ -425,6 +436,244 @@ fn peer_authentication_is_resolved_workload_then_namespace_then_mesh() {
         MtlsMode::Strict,
         "fails closed"
     );
+}
+
+#[test]
+fn unknown_labels_a_deny_with_a_selector_is_taken_to_select() {
+    let (p, warnings) = read(
+        r#"
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: no-legacy-to-db, namespace: shop}
+  spec:
+    selector: {matchLabels: {app: db}}
+    action: DENY
+    rules: [{from: [{source: {namespaces: ["legacy"]}}]}]
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: no-robots, namespace: other}
+  spec:
+    selector: {matchLabels: {app: db}}
+    action: DENY
+    rules: [{from: [{source: {principals: ["*/sa/robot"]}}]}]
+"#,
+    );
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let unknown = Case::unlabelled("shop");
+    assert_eq!(
+        decide(&p, &unknown, Some(&id("legacy", "a")), "10.0.0.1", 80),
+        Verdict::Deny {
+            policy: "shop/no-legacy-to-db".into()
+        },
+        "the DENY may select the workload: it applies"
+    );
+    assert!(
+        allowed(&decide(&p, &unknown, Some(&id("web", "a")), "10.0.0.1", 80)),
+        "its rules still decide what it denies"
+    );
+    assert!(
+        allowed(&decide(
+            &p,
+            &unknown,
+            Some(&id("x", "robot")),
+            "10.0.0.1",
+            80
+        )),
+        "a DENY of another namespace stays out of scope"
+    );
+    // Control: with known labels the selector decides.
+    let cache = Case::new("shop", &[("app", "cache")]);
+    assert!(allowed(&decide(
+        &p,
+        &cache,
+        Some(&id("legacy", "a")),
+        "10.0.0.1",
+        80
+    )));
+}
+
+#[test]
+fn unknown_labels_an_allow_with_a_selector_must_match_but_never_grants() {
+    let (p, _) = read(PRODUCTPAGE);
+    let unknown = Case::unlabelled("default");
+    let sleep = id("default", "sleep");
+    let Verdict::Deny { policy } = decide(&p, &unknown, Some(&sleep), "10.1.0.2", 9080) else {
+        panic!("an ALLOW whose selector cannot be checked must not grant");
+    };
+    assert!(
+        policy.contains("default/productpage-viewer") && policy.contains("labels are unknown"),
+        "the refusal says which policy and why: {policy}"
+    );
+    assert_eq!(
+        decide(
+            &p,
+            &unknown,
+            Some(&id("default", "notsleep")),
+            "10.1.0.4",
+            9080
+        ),
+        Verdict::Deny {
+            policy: "no ALLOW policy matched".into()
+        },
+        "the ALLOW is in scope, so something has to match"
+    );
+    assert!(!allowed(&decide(&p, &unknown, None, "10.1.0.4", 9080)));
+    assert!(
+        allowed(&decide(&p, &Case::unlabelled("web"), None, "10.1.0.4", 80)),
+        "another namespace has no ALLOW policy"
+    );
+
+    // A namespace-wide ALLOW selects the workload for sure: it grants what it matches.
+    let (p, _) = read(&format!(
+        "{PRODUCTPAGE}{}",
+        r#"
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: from-default, namespace: default}
+  spec:
+    rules: [{from: [{source: {namespaces: ["default"]}}]}]
+"#
+    ));
+    assert!(allowed(&decide(
+        &p,
+        &unknown,
+        Some(&sleep),
+        "10.1.0.2",
+        9080
+    )));
+    assert!(!allowed(&decide(
+        &p,
+        &unknown,
+        Some(&id("web", "a")),
+        "10.1.0.2",
+        9080
+    )));
+}
+
+#[test]
+fn unknown_labels_namespace_and_mesh_wide_policies_apply_as_to_any_workload() {
+    let (p, _) = read(
+        r#"
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: deny-legacy, namespace: istio-system}
+  spec:
+    action: DENY
+    rules: [{from: [{source: {namespaces: ["legacy"]}}]}]
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: shop-only, namespace: data}
+  spec:
+    selector: {matchLabels: {}}
+    rules: [{from: [{source: {namespaces: ["shop"]}}]}]
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: typo, namespace: vault}
+  spec:
+    selector: {matchLabels: {app: secrets}}
+    rules: [{from: [{source: {ipBlocks: ["10.0.0.0/33"]}}]}]
+"#,
+    );
+    let web = Case::unlabelled("web");
+    assert!(!allowed(&decide(
+        &p,
+        &web,
+        Some(&id("legacy", "a")),
+        "10.0.0.1",
+        80
+    )));
+    assert!(allowed(&decide(
+        &p,
+        &web,
+        Some(&id("shop", "a")),
+        "10.0.0.1",
+        80
+    )));
+    // An empty matchLabels selects every workload, labels known or not: it grants.
+    let data = Case::unlabelled("data");
+    assert!(allowed(&decide(
+        &p,
+        &data,
+        Some(&id("shop", "a")),
+        "10.0.0.1",
+        80
+    )));
+    assert!(!allowed(&decide(
+        &p,
+        &data,
+        Some(&id("web", "a")),
+        "10.0.0.1",
+        80
+    )));
+    // A broken object whose selector cannot be checked denies, as a DENY would.
+    let vault = Case::unlabelled("vault");
+    assert_eq!(
+        decide(&p, &vault, Some(&id("shop", "a")), "10.0.0.1", 80),
+        Verdict::Deny {
+            policy: "vault/typo".into()
+        }
+    );
+}
+
+#[test]
+fn unknown_labels_peer_authentication_with_a_selector_counts_only_when_stricter() {
+    let (p, warnings) = read(
+        r#"
+- apiVersion: security.istio.io/v1
+  kind: PeerAuthentication
+  metadata: {name: default, namespace: istio-system}
+  spec: {mtls: {mode: STRICT}}
+- apiVersion: security.istio.io/v1
+  kind: PeerAuthentication
+  metadata: {name: relaxed, namespace: web}
+  spec:
+    selector: {matchLabels: {app: legacy}}
+    mtls: {mode: PERMISSIVE}
+- apiVersion: security.istio.io/v1
+  kind: PeerAuthentication
+  metadata: {name: open, namespace: legacy}
+  spec: {mtls: {mode: DISABLE}}
+- apiVersion: security.istio.io/v1
+  kind: PeerAuthentication
+  metadata: {name: db, namespace: legacy}
+  spec:
+    selector: {matchLabels: {app: db}}
+    mtls: {mode: UNSET}
+    portLevelMtls: {5432: {mode: STRICT}}
+- apiVersion: security.istio.io/v1
+  kind: PeerAuthentication
+  metadata: {name: cache, namespace: legacy}
+  spec:
+    selector: {matchLabels: {app: cache}}
+    mtls: {mode: PERMISSIVE}
+"#,
+    );
+    assert!(warnings.is_empty(), "{warnings:?}");
+    // The mesh-wide STRICT applies; a PERMISSIVE selecting by labels cannot loosen it.
+    let web = Case::unlabelled("web");
+    let mtls = p.mtls(&web.target(), 80);
+    assert_eq!(mtls.mode, MtlsMode::Strict);
+    assert_eq!(mtls.policy, "istio-system/default");
+    // Control: with the labels known, the workload's PERMISSIVE wins, as in Istio.
+    let legacy_app = Case::new("web", &[("app", "legacy")]);
+    assert_eq!(p.mtls(&legacy_app.target(), 80).mode, MtlsMode::Permissive);
+    // A port-level STRICT that may select the workload applies on its port...
+    let unknown = Case::unlabelled("legacy");
+    let db_port = p.mtls(&unknown.target(), 5432);
+    assert_eq!(db_port.mode, MtlsMode::Strict);
+    assert!(
+        db_port.policy.starts_with("legacy/db") && db_port.policy.contains("labels are unknown"),
+        "{}",
+        db_port.policy
+    );
+    // ...and elsewhere the strictest of the namespace's DISABLE and a PERMISSIVE that may
+    // select it (UNSET inherits: it is no stricter).
+    let other_port = p.mtls(&unknown.target(), 80);
+    assert_eq!(other_port.mode, MtlsMode::Permissive);
+    assert!(other_port.policy.starts_with("legacy/cache"));
+    // Control: a workload known not to be selected keeps the namespace's DISABLE.
+    let web_app = Case::new("legacy", &[("app", "web")]);
+    assert_eq!(p.mtls(&web_app.target(), 5432).mode, MtlsMode::Disable);
 }
 
 #[test]
