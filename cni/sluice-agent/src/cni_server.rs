@@ -70,6 +70,17 @@ impl Drop for CniServer {
 }
 
 fn answer(stream: UnixStream, events: &Sender<Event>, wait: Duration) -> std::io::Result<()> {
+    // The runtime runs the plugin as root; anyone else got through a loosened socket file and
+    // could have pods captured or released. Nothing it sends is read.
+    let peer = sluice_zds::peer_cred(std::os::fd::AsFd::as_fd(&stream))?;
+    if peer.uid != 0 {
+        warn!(
+            peer_pid = peer.pid,
+            peer_uid = peer.uid,
+            "refused a CNI request: the peer is not root (check the socket's mode)"
+        );
+        return Ok(());
+    }
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
     BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;

@@ -115,6 +115,17 @@ struct Args {
     )]
     cni_wait: u64,
 
+    /// How many captured outbound connections one pod may have open at once (eBPF); its
+    /// `connect()` beyond fails with EPERM and is counted (`outbound_drop_quota`). Bounded so
+    /// pods cannot fill the node-wide maps (524,288 entries): keep it × pods per node below that.
+    #[arg(
+        long,
+        default_value_t = sluice_capture::DEFAULT_MAX_TRACKED_PER_POD,
+        value_name = "CONNECTIONS",
+        env = "SLUICE_MAX_OUTBOUND_PER_POD"
+    )]
+    max_outbound_per_pod: u32,
+
     /// Liveness (/healthz) and readiness (/readyz) probes.
     #[arg(long, default_value = "0.0.0.0:15023", env = "SLUICE_HEALTH_ADDR")]
     health_addr: SocketAddr,
@@ -139,6 +150,13 @@ fn main() -> Result<()> {
         Err(e) => {
             warn!(error = %e, "cannot join the host's cgroup namespace; the proxy's cgroup may not be found (pass --proxy-cgroup, or run with hostPID and privileges)")
         }
+    }
+    if !(1..=sluice_capture::MAX_TRACKED).contains(&args.max_outbound_per_pod) {
+        bail!(
+            "--max-outbound-per-pod {} is out of range: use 1 to {}",
+            args.max_outbound_per_pod,
+            sluice_capture::MAX_TRACKED
+        );
     }
     if !(1..=290).contains(&args.cni_wait) {
         bail!(
@@ -207,6 +225,7 @@ fn main() -> Result<()> {
         cgroup_root,
         proxy_cgroup: args.proxy_cgroup.clone(),
         cni_wait: wait,
+        max_outbound_per_pod: args.max_outbound_per_pod,
         cluster,
     };
     Node::new(config, capture, records, health).run(rx);

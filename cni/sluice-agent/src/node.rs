@@ -72,6 +72,8 @@ pub struct Config {
     pub proxy_cgroup: Option<PathBuf>,
     /// How long a CNI ADD waits for the proxy to take the pod.
     pub cni_wait: Duration,
+    /// Each pod's bound on captured outbound sockets (eBPF).
+    pub max_outbound_per_pod: u32,
     /// Kubernetes mode: the API server, for annotations and lookups.
     pub cluster: Option<crate::cluster::Handle>,
 }
@@ -382,6 +384,7 @@ impl Node {
         let spec = PodCapture {
             cgroup: cgroup.clone(),
             addrs: addrs.clone(),
+            max_tracked_sockets: self.cfg.max_outbound_per_pod,
             ..PodCapture::new(uid, fd_path(&netns))
         };
         self.capture.redirector().enroll(&spec).map_err(|e| {

@@ -38,6 +38,11 @@ pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// Marks a pin root laid out by this version of the programs and maps (a directory: bpffs holds
+/// no regular files). Bump it when a map's definition or a program's contract changes: pins
+/// from an earlier layout are refused, never mixed with new programs.
+const LAYOUT: &str = "layout-2";
+
 /// Where a program attaches.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Target {
@@ -118,7 +123,8 @@ impl EbpfCapture {
             });
         }
         ensure_bpffs(&root)?;
-        for dir in ["maps", "pods", "proxy"] {
+        check_layout(&root)?;
+        for dir in ["maps", "pods", "proxy", LAYOUT] {
             let dir = root.join(dir);
             std::fs::create_dir_all(&dir)
                 .map_err(|source| CaptureError::Pin { path: dir, source })?;
@@ -435,19 +441,22 @@ impl EbpfCapture {
             .filter(|(_, s)| s.pod == pod)
             .map(|(c, _)| c)
             .collect();
-        for cookie in cookies {
-            ignore_missing(socks.remove(&cookie), maps::SOCK_ORIG)?;
+        for cookie in &cookies {
+            ignore_missing(socks.remove(cookie), maps::SOCK_ORIG)?;
         }
         let mut peers = self.hash::<PairKey, PeerOrig>(maps::PEER_ORIG)?;
+        // Under its addresses now, or filed by its sockets (under an address it has since
+        // dropped).
         let pairs: Vec<PairKey> = peers
             .iter()
             .filter_map(Result::ok)
-            .map(|(k, _)| k)
-            .filter(|k| {
-                owned
-                    .iter()
-                    .any(|a| a.family == k.family && a.addr == k.addr)
+            .filter(|(k, v)| {
+                cookies.contains(&v.cookie)
+                    || owned
+                        .iter()
+                        .any(|a| a.family == k.family && a.addr == k.addr)
             })
+            .map(|(k, _)| k)
             .collect();
         for pair in pairs {
             ignore_missing(peers.remove(&pair), maps::PEER_ORIG)?;
@@ -768,6 +777,21 @@ fn unpin_link(path: &Path) -> Result<(), CaptureError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Refuses a pin root that holds maps of an earlier layout. aya would reuse a pinned map
+/// whatever its definition, and pods captured by the earlier programs would keep them: both
+/// would run against maps they were not written for.
+fn check_layout(root: &Path) -> Result<(), CaptureError> {
+    let maps = root.join("maps");
+    let has_maps = std::fs::read_dir(&maps).is_ok_and(|mut d| d.next().is_some());
+    if has_maps && !root.join(LAYOUT).exists() {
+        return Err(CaptureError::PinLayout {
+            root: root.to_path_buf(),
+            layout: LAYOUT,
+        });
+    }
+    Ok(())
 }
 
 fn open_cgroup(path: &Path) -> Result<File, CaptureError> {

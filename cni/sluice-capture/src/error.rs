@@ -92,4 +92,12 @@ pub enum CaptureError {
         addr: std::net::IpAddr,
         owner: String,
     },
+
+    #[error(
+        "pin root {root} holds capture state from an earlier sluice (no {layout} marker); its \
+         programs and maps are not the ones this version uses. Release the pods it captured \
+         (drain the node), then remove {root} (removing the pins detaches the programs) and \
+         start again"
+    )]
+    PinLayout { root: PathBuf, layout: &'static str },
 }

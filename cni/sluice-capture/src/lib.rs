@@ -20,7 +20,9 @@ mod sys;
 
 pub use error::CaptureError;
 pub use pod::{PodCapture, PodUid};
-pub use sluice_common::{PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND, Verdict};
+pub use sluice_common::{
+    DEFAULT_MAX_TRACKED_PER_POD, MAX_TRACKED, PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND, Verdict,
+};
 
 /// Where the eBPF backend pins its maps and links unless told otherwise.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sluice";

@@ -18,7 +18,7 @@
 pub mod messages;
 mod transport;
 
-pub use transport::{Channel, Listener, PeerCred, Received};
+pub use transport::{Channel, Listener, PeerCred, Received, peer_cred};
 
 /// Why a hand-off message could not be read or written.
 #[derive(Debug, thiserror::Error)]

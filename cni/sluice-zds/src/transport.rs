@@ -81,6 +81,32 @@ pub struct PeerCred {
     pub gid: u32,
 }
 
+/// The credentials of the peer of a connected Unix socket (`SO_PEERCRED`): the connecting
+/// process's for an accepted socket, the listening one's for a connected one.
+pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<PeerCred> {
+    // SAFETY: ucred is plain data; all zeroes is a valid value.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: a ucred buffer of the size given, on a socket the caller holds.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::from_mut(&mut cred).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(PeerCred {
+        pid: cred.pid as u32,
+        uid: cred.uid,
+        gid: cred.gid,
+    })
+}
+
 impl PeerCred {
     /// This peer if it is root, else [`ZdsError::PeerNotRoot`]: the agent and the proxy both
     /// run as root, so anyone else at the other end is neither.
@@ -143,27 +169,7 @@ impl Channel {
 
     /// The peer's credentials (`SO_PEERCRED`).
     pub fn peer(&self) -> io::Result<PeerCred> {
-        // SAFETY: ucred is plain data; all zeroes is a valid value.
-        let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-        // SAFETY: a ucred buffer of the size given, on our own socket.
-        let ret = unsafe {
-            libc::getsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                std::ptr::from_mut(&mut cred).cast(),
-                &mut len,
-            )
-        };
-        if ret != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(PeerCred {
-            pid: cred.pid as u32,
-            uid: cred.uid,
-            gid: cred.gid,
-        })
+        peer_cred(self.fd.as_fd())
     }
 
     /// Whether the peer has hung up, without blocking. Used between requests, when nothing is

@@ -24,13 +24,15 @@ pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
 pub const SO_ORIGINAL_DST: i32 = 80;
 
-/// How many captured outbound sockets one pod may have open at once, unless the loader is told
-/// otherwise: far above what a workload needs (each is a live connection), far below what would
-/// let one pod fill the node-wide maps ([`MAX_TRACKED`]). A `connect()` past it is refused.
-pub const DEFAULT_MAX_TRACKED_PER_POD: u32 = 16384;
+/// How many captured outbound sockets one pod may have open at once, unless the agent is told
+/// otherwise (`--max-outbound-per-pod`): well above what a workload keeps open (each is a live
+/// connection), and small enough that 128 pods at their bound, more than a kubelet runs (110 by
+/// default), cannot fill the node-wide maps ([`MAX_TRACKED`]). A `connect()` past it fails.
+pub const DEFAULT_MAX_TRACKED_PER_POD: u32 = 4096;
 /// Node-wide bound on tracked captured outbound sockets (entries of `SLUICE_SOCK_ORIG` and
-/// `SLUICE_PEER_ORIG`). The maps are not preallocated: memory follows the live entries.
-pub const MAX_TRACKED: u32 = 262_144;
+/// `SLUICE_PEER_ORIG`). The maps are not preallocated: memory follows the live entries, plus
+/// 8 MiB of hash buckets each.
+pub const MAX_TRACKED: u32 = 524_288;
 
 /// How deep below the cgroup v2 root a pod's cgroup may sit (Kubernetes puts it at level 2 or
 /// 3, e.g. `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice`).
@@ -55,7 +57,7 @@ pub mod maps {
     /// the socket is released (`forget_socket`). Counted against the pod's bound.
     pub const SOCK_ORIG: &str = "SLUICE_SOCK_ORIG";
     /// `PairKey` (client side of the redirected connection) → `PeerOrig`, written by sockops
-    /// only for a socket whose local address its own pod owns, read and removed by the proxy's
+    /// only for a socket whose local address its own pod owns, read by the proxy's
     /// `SO_ORIGINAL_DST` emulation, removed by sockops when the connection closes.
     pub const PEER_ORIG: &str = "SLUICE_PEER_ORIG";
     /// `PodKey` → `u64`: how many `SOCK_ORIG` entries the pod has (its bound is

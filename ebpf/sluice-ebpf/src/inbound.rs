@@ -46,8 +46,10 @@ fn steer(ctx: &SkLookupContext) -> Verdict {
     }
     // Connections made inside the pod are not captured: loopback, and a connection whose source
     // is its destination address (the proxy's own connection to the app, or the app talking to
-    // itself; capturing it would loop). Nothing from outside can carry the pod's own address as
-    // source: the kernel drops such packets as martians before the lookup. (`ingress_ifindex`
+    // itself; capturing it would loop). Over IPv4 nothing from outside can carry the pod's own
+    // address as source (the kernel drops it as a martian before the lookup); over IPv6 a
+    // neighbour's spoofed SYN can, but its handshake cannot complete: the SYN-ACK goes to the
+    // pod itself. (`ingress_ifindex`
     // cannot tell instead: it came in Linux 5.17, and for a pod's own address the kernel reports
     // the interface that owns it, not `lo`.)
     match lookup.family {

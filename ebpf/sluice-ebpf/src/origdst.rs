@@ -59,9 +59,9 @@ fn answer(ctx: &SockoptContext) {
         count(Verdict::OrigDstMiss);
         return;
     };
-    // Used once: the proxy asks once per accepted connection. Removing it now keeps the map to
-    // connections the proxy has not accepted yet.
-    let _ = PEER_ORIG.remove(key);
+    // Not removed here: a pod that puts another pod's address on its own `lo` can reach its own
+    // 15001 from that (ip, port) and make the proxy ask; a read that removed the entry would
+    // take the owner's destination away. sockops removes it when the owner's connection closes.
     let written = if so.level == SOL_IP && orig.family == AF_INET {
         write_sockaddr_in(so, &orig)
     } else if so.level == SOL_IPV6 && family == AF_INET6 {

@@ -291,6 +291,9 @@ pub fn forget_socket(ctx: SockContext) -> i32 {
     if let Some(sock) = unsafe { SOCK_ORIG.get(cookie) }.copied()
         // Only the one caller whose delete succeeds decrements.
         && SOCK_ORIG.remove(cookie).is_ok()
+        // Never below zero: an entry made while its pod was being released (a connect racing
+        // the removal) may outlive the count it was added to.
+        && tracked(&sock.pod).is_some_and(|n| n > 0)
     {
         add_tracked(&sock.pod, u64::MAX);
     }

@@ -56,11 +56,19 @@ fn reached(cluster: &Cluster, from: &str, to: SocketAddr) -> Result<()> {
         pod.place_server()
     };
     let outcome = app::run_client(&place, to, 16 * 1024)?;
-    ensure!(
-        outcome.ok,
-        "{from} → {to} must work, got {:?}",
-        outcome.error
-    );
+    if !outcome.ok {
+        // Both proxies' last lines: what the tunnel or the plaintext path said.
+        let tail = |n: usize| {
+            let log = cluster.proxies[n].log();
+            log[log.len().saturating_sub(25)..].join("\n")
+        };
+        bail!(
+            "{from} → {to} must work, got {:?}\nnode 0's proxy:\n{}\nnode 1's proxy:\n{}",
+            outcome.error,
+            tail(0),
+            tail(1)
+        );
+    }
     Ok(())
 }
 
@@ -195,8 +203,11 @@ pub fn a_pod_cannot_claim_another_pods_addresses(backend: Backend) -> Result<()>
 /// (2) A pod with `CAP_NET_RAW` binds its neighbour's address with `IP_TRANSPARENT` on each port
 /// of the victim's ephemeral range and connects, in a loop, while the victim makes short
 /// connections: each spoofed connect tries to file a destination of the attacker's choosing
-/// (a closed port) under the victim's (ip, port). The victim's connections all work, IPv4 and
-/// IPv6, and eBPF counts every refused filing.
+/// (a closed port) under the victim's (ip, port). At the same time a second loop, with the
+/// victim's address on the attacker's own `lo` (`NET_ADMIN`), connects from it straight to the
+/// proxy's 15001 in the attacker's netns, making the proxy ask for the victim's filed
+/// destinations. The victim's connections all work, IPv4 and IPv6, and eBPF counts every
+/// refused filing.
 pub fn a_spoofed_source_cannot_redirect_another_pods_connections(backend: Backend) -> Result<()> {
     let cluster = Cluster::new(backend, &PODS, &[])?;
     let _server = app::spawn_server(
@@ -213,6 +224,19 @@ pub fn a_spoofed_source_cannot_redirect_another_pods_connections(backend: Backen
             "net.ipv4.ip_local_port_range={first_port} {}",
             first_port + ports - 1
         ),
+    ])?;
+    let attacker_ns = &cluster.pod("attacker").ns;
+    let (victim_ip, victim_ip6) = (cluster.pod("victim").ip, cluster.pod("victim").ip6);
+    attacker_ns.exec(&["ip", "addr", "add", &format!("{victim_ip}/32"), "dev", "lo"])?;
+    attacker_ns.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{victim_ip6}/128"),
+        "dev",
+        "lo",
+        "nodad",
     ])?;
     for (victim_ip, to, sink) in [
         (
@@ -239,10 +263,27 @@ pub fn a_spoofed_source_cannot_redirect_another_pods_connections(backend: Backen
             sink,
             seconds,
         )?;
+        let proxy_port = match victim_ip {
+            IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, 15001)),
+            IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::LOCALHOST, 15001)),
+        };
+        let asker = hostile::start_spoof(
+            &cluster.pod("attacker").place(),
+            victim_ip,
+            first_port,
+            ports,
+            proxy_port,
+            seconds,
+        )?;
         let victim = hostile::start_repeat(&cluster.pod("victim").place(), to, seconds)?;
         let limit = Duration::from_secs_f64(seconds) + sluice_lab::WAIT;
         let victim: RepeatOutcome = victim.finish(limit)?;
         let attack: SpoofOutcome = attack.finish(limit)?;
+        let asked: SpoofOutcome = asker.finish(limit)?;
+        ensure!(
+            asked.attempts > 100,
+            "the second loop must have tried in earnest: {asked:?}"
+        );
         ensure!(
             attack.attempts > 100,
             "the attacker must have tried in earnest: {attack:?}"
