@@ -472,18 +472,24 @@ pub fn hold_connections(place: &Placement, to: SocketAddr, count: usize) -> Resu
         &to.to_string(),
         "--count",
         &count.to_string(),
-    ])
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped());
-    let mut guard = ProcessGuard {
-        child: cmd.spawn().context("start the connection holder")?,
-        name: "app hold".into(),
-    };
-    let stdout = guard.child.stdout.take().context("hold stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
+    ]);
+    let (guard, line) = spawn_held(cmd, "app hold")?;
     if line.trim() != format!("open {count}") {
         bail!("the holder did not open {count} connections: {line:?}");
     }
     Ok(guard)
+}
+
+/// Starts a workload that reports on its first stdout line and then holds what it opened until
+/// its stdin closes (the guard's drop): the guard and that line.
+pub fn spawn_held(mut cmd: Command, name: &str) -> Result<(ProcessGuard, String)> {
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut guard = ProcessGuard {
+        child: cmd.spawn().with_context(|| format!("start {name}"))?,
+        name: name.to_owned(),
+    };
+    let stdout = guard.child.stdout.take().context("stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    Ok((guard, line))
 }

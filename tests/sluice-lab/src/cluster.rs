@@ -42,6 +42,17 @@ pub struct PodSpec {
     pub meshed: bool,
 }
 
+impl PodSpec {
+    pub const fn new(name: &'static str, node: usize, host: u8, meshed: bool) -> Self {
+        Self {
+            name,
+            node,
+            host,
+            meshed,
+        }
+    }
+}
+
 /// A meshed client pod on node 0 and a meshed server pod on node 1: the benchmark's pair, and
 /// the smallest cluster that crosses the link between nodes.
 pub const CLIENT_AND_SERVER: [PodSpec; 2] = [

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::WAIT;
-use crate::app::{Placement, ProcessGuard, binary, command_in, raise_nofile};
+use crate::app::{Placement, ProcessGuard, binary, command_in, raise_nofile, spawn_held};
 
 /// A connect storm: tries `count` connections to `to`, keeps those that opened (each got the
 /// server's greeting), prints `{"opened": N, "refused": M}` and holds them until stdin closes.
@@ -66,16 +66,8 @@ pub fn start_storm(
         &to.to_string(),
         "--count",
         &count.to_string(),
-    ])
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped());
-    let mut guard = ProcessGuard {
-        child: cmd.spawn().context("start the connect storm")?,
-        name: "app storm".into(),
-    };
-    let stdout = guard.child.stdout.take().context("storm stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
+    ]);
+    let (guard, line) = spawn_held(cmd, "app storm")?;
     let outcome =
         serde_json::from_str(line.trim()).with_context(|| format!("the storm printed {line:?}"))?;
     Ok((guard, outcome))
@@ -150,8 +142,17 @@ pub fn start_repeat(place: &Placement, to: SocketAddr, seconds: f64) -> Result<R
 /// `CAP_NET_RAW`), on each of `ports` ports from `first_port`, in a loop for `seconds`: connect
 /// to `to` and close. Under capture each such connect is redirected into the attacker's own
 /// proxy listener, and its sockops run tries to file `to` as the original destination of
-/// (`from`, port): the victim's key. Prints `{"attempts": N, "errors": M}`.
-pub fn spoof(from: IpAddr, first_port: u16, ports: u16, to: SocketAddr, seconds: f64) -> String {
+/// (`from`, port): the victim's key. `pause` between attempts keeps a loop whose every connect
+/// reaches the shared proxy from starving the victim of CPU on a slow (emulated) machine.
+/// Prints `{"attempts": N, "errors": M}`.
+pub fn spoof(
+    from: IpAddr,
+    first_port: u16,
+    ports: u16,
+    to: SocketAddr,
+    seconds: f64,
+    pause: Duration,
+) -> String {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let (mut attempts, mut errors) = (0u64, 0u64);
     // At most a million attempts, whatever the clock says.
@@ -163,6 +164,9 @@ pub fn spoof(from: IpAddr, first_port: u16, ports: u16, to: SocketAddr, seconds:
             attempts += 1;
             if spoofed_connect(SocketAddr::new(from, port), to).is_err() {
                 errors += 1;
+            }
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
             }
         }
     }
@@ -218,11 +222,14 @@ pub fn start_spoof(
     ports: u16,
     to: SocketAddr,
     seconds: f64,
+    pause: Duration,
 ) -> Result<Running> {
     let mut cmd = command_in(&binary()?, place)?;
     cmd.args([
         "app",
         "spoof",
+        "--pause-us",
+        &pause.as_micros().to_string(),
         "--from",
         &from.to_string(),
         "--first-port",

@@ -115,6 +115,9 @@ enum App {
         to: SocketAddr,
         #[arg(long)]
         seconds: f64,
+        /// Microseconds to wait between attempts.
+        #[arg(long, default_value_t = 0)]
+        pause_us: u64,
     },
 }
 
@@ -152,10 +155,12 @@ fn main() -> Result<()> {
             ports,
             to,
             seconds,
+            pause_us,
         }) => {
+            let pause = std::time::Duration::from_micros(pause_us);
             println!(
                 "{}",
-                sluice_lab::hostile::spoof(from, first_port, ports, to, seconds)
+                sluice_lab::hostile::spoof(from, first_port, ports, to, seconds, pause)
             );
             Ok(())
         }

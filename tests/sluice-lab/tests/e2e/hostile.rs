@@ -17,12 +17,7 @@ use sluice_lab::cluster::{Cluster, PodSpec};
 use sluice_lab::hostile::{self, RepeatOutcome, SpoofOutcome};
 
 const fn pod(name: &'static str, node: usize, host: u8, meshed: bool) -> PodSpec {
-    PodSpec {
-        name,
-        node,
-        host,
-        meshed,
-    }
+    PodSpec::new(name, node, host, meshed)
 }
 
 /// A victim and an attacker side by side on node 0 (and a neighbour outside the mesh on the same
@@ -46,6 +41,23 @@ fn verdicts(cluster: &Cluster, verdict: Verdict) -> Result<u64> {
         .into_iter()
         .find(|(v, _)| *v == verdict)
         .map_or(0, |(_, n)| n))
+}
+
+/// Pod `attacker` puts both of pod `victim`'s addresses on its own `lo` (`NET_ADMIN`).
+fn claim_on_lo(cluster: &Cluster, attacker: &str, victim: &str) -> Result<()> {
+    let ns = &cluster.pod(attacker).ns;
+    let (ip, ip6) = (cluster.pod(victim).ip, cluster.pod(victim).ip6);
+    ns.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"])?;
+    ns.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{ip6}/128"),
+        "dev",
+        "lo",
+        "nodad",
+    ])
 }
 
 fn reached(cluster: &Cluster, from: &str, to: SocketAddr) -> Result<()> {
@@ -134,18 +146,7 @@ pub fn a_pod_cannot_claim_another_pods_addresses(backend: Backend) -> Result<()>
             .ns
             .exec(&neighbour.each_ref().map(String::as_str))?;
     }
-    let attacker = &cluster.pod("attacker").ns;
-    attacker.exec(&["ip", "addr", "add", &format!("{victim_ip}/32"), "dev", "lo"])?;
-    attacker.exec(&[
-        "ip",
-        "-6",
-        "addr",
-        "add",
-        &format!("{victim_ip6}/128"),
-        "dev",
-        "lo",
-        "nodad",
-    ])?;
+    claim_on_lo(&cluster, "attacker", "victim")?;
     let _attacker_app = app::spawn_server(
         &cluster.pod("attacker").place_server(),
         &[SocketAddr::from((Ipv6Addr::UNSPECIFIED, 8080))],
@@ -225,19 +226,7 @@ pub fn a_spoofed_source_cannot_redirect_another_pods_connections(backend: Backen
             first_port + ports - 1
         ),
     ])?;
-    let attacker_ns = &cluster.pod("attacker").ns;
-    let (victim_ip, victim_ip6) = (cluster.pod("victim").ip, cluster.pod("victim").ip6);
-    attacker_ns.exec(&["ip", "addr", "add", &format!("{victim_ip}/32"), "dev", "lo"])?;
-    attacker_ns.exec(&[
-        "ip",
-        "-6",
-        "addr",
-        "add",
-        &format!("{victim_ip6}/128"),
-        "dev",
-        "lo",
-        "nodad",
-    ])?;
+    claim_on_lo(&cluster, "attacker", "victim")?;
     for (victim_ip, to, sink) in [
         (
             IpAddr::V4(cluster.pod("victim").ip),
@@ -262,28 +251,38 @@ pub fn a_spoofed_source_cannot_redirect_another_pods_connections(backend: Backen
             ports,
             sink,
             seconds,
+            Duration::ZERO,
         )?;
+        // The second loop only matters where the proxy reads filed destinations (eBPF);
+        // with iptables conntrack answers, per netns. Each of its connects reaches the shared
+        // proxy, so it pauses between them.
         let proxy_port = match victim_ip {
             IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, 15001)),
             IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::LOCALHOST, 15001)),
         };
-        let asker = hostile::start_spoof(
-            &cluster.pod("attacker").place(),
-            victim_ip,
-            first_port,
-            ports,
-            proxy_port,
-            seconds,
-        )?;
+        let asker = match backend {
+            Backend::Ebpf => Some(hostile::start_spoof(
+                &cluster.pod("attacker").place(),
+                victim_ip,
+                first_port,
+                ports,
+                proxy_port,
+                seconds,
+                Duration::from_micros(100),
+            )?),
+            Backend::Iptables => None,
+        };
         let victim = hostile::start_repeat(&cluster.pod("victim").place(), to, seconds)?;
         let limit = Duration::from_secs_f64(seconds) + sluice_lab::WAIT;
         let victim: RepeatOutcome = victim.finish(limit)?;
         let attack: SpoofOutcome = attack.finish(limit)?;
-        let asked: SpoofOutcome = asker.finish(limit)?;
-        ensure!(
-            asked.attempts > 100,
-            "the second loop must have tried in earnest: {asked:?}"
-        );
+        if let Some(asker) = asker {
+            let asked: SpoofOutcome = asker.finish(limit)?;
+            ensure!(
+                asked.attempts > 10,
+                "the second loop must have tried in earnest: {asked:?}"
+            );
+        }
         ensure!(
             attack.attempts > 100,
             "the attacker must have tried in earnest: {attack:?}"

@@ -10,12 +10,7 @@ use sluice_lab::app::{self, Outcome, Session};
 use sluice_lab::cluster::{Cluster, PodSpec};
 
 const fn pod(name: &'static str, node: usize, host: u8, meshed: bool) -> PodSpec {
-    PodSpec {
-        name,
-        node,
-        host,
-        meshed,
-    }
+    PodSpec::new(name, node, host, meshed)
 }
 
 /// Clients on node 0 (sleep, notsleep meshed; legacy not), servers on node 1.
