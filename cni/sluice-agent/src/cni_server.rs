@@ -114,3 +114,123 @@ fn stopping() -> Reply {
         details: "the runtime retries the sandbox".into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+
+    use sluice_cni::agent_api::Command;
+
+    use super::*;
+
+    const NOBODY: u32 = 65534;
+
+    /// Removes the test's directory, whatever happens.
+    struct TempDir(PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_non_root_peer_is_never_heard_even_through_a_loosened_socket() {
+        // SAFETY: geteuid cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "this test runs a peer as uid {NOBODY}: run it as root"
+        );
+        let dir =
+            TempDir(std::env::temp_dir().join(format!("sluice-cni-peer-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let path = dir.0.join("cni.sock");
+        let server = CniServer::bind(&path).unwrap();
+        // As a careless umask or a hostile chmod would leave it: the peer check must still hold.
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let (events, heard) = mpsc::channel();
+        server.serve(events, Duration::from_secs(1));
+        let request = Request {
+            command: Command::Status,
+            container_id: "c".into(),
+            netns: None,
+            pod: None,
+            ips: Vec::new(),
+        };
+        let mut line = serde_json::to_vec(&request).unwrap();
+        line.push(b'\n');
+
+        // Root (the runtime) is heard and answered.
+        let mut root = UnixStream::connect(&path).unwrap();
+        root.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        root.write_all(&line).unwrap();
+        match heard.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Cni(got, reply)) => {
+                assert_eq!(got, request);
+                reply.send(Reply::Done).unwrap();
+            }
+            _ => panic!("root's request did not reach the event loop"),
+        }
+        let mut answer = String::new();
+        BufReader::new(&root).read_line(&mut answer).unwrap();
+        assert!(answer.contains("done"), "{answer}");
+
+        // Nobody connects, sends the same request and waits for an answer: none comes, and
+        // nothing reaches the loop.
+        // SAFETY: sockaddr_un is plain data; all zeroes is valid.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        let mut child = std::process::Command::new("true");
+        // SAFETY: between fork and exec the closure makes only raw system calls on data
+        // prepared before the fork, as a forked child of a threaded process must.
+        unsafe {
+            child.pre_exec(move || {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(NOBODY) != 0
+                    || libc::setuid(NOBODY) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+                if fd < 0 || libc::connect(fd, std::ptr::from_ref(&addr).cast(), len) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let timeout = libc::timeval {
+                    tv_sec: 10,
+                    tv_usec: 0,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    std::ptr::from_ref(&timeout).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                );
+                libc::write(fd, line.as_ptr().cast(), line.len());
+                let mut buf = [0u8; 64];
+                if libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) > 0 {
+                    // Answered: the agent listened to a non-root peer.
+                    return Err(std::io::Error::from_raw_os_error(libc::EPROTO));
+                }
+                Ok(())
+            });
+        }
+        let status = child
+            .status()
+            .expect("the non-root peer connected and got no answer");
+        assert!(status.success());
+        assert!(
+            heard.recv_timeout(Duration::from_millis(300)).is_err(),
+            "a non-root peer's request must never reach the event loop"
+        );
+    }
+}

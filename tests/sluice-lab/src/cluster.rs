@@ -473,7 +473,7 @@ impl Cluster {
 /// Appends the `policies:` list (YAML list items, as `kubectl get -o yaml` gives them) to the
 /// mesh file text `yaml` and writes it to `path` whole: written aside and renamed into place, so
 /// a proxy's reload never sees half a file.
-pub(crate) fn write_mesh_file(mut yaml: String, policies: &str, path: &Path) -> Result<()> {
+pub fn write_mesh_file(mut yaml: String, policies: &str, path: &Path) -> Result<()> {
     if !policies.trim().is_empty() {
         yaml.push_str("policies:\n");
         for line in policies.lines() {

@@ -191,20 +191,10 @@ fn add(uid: &str) -> Payload {
     })
 }
 
-/// Writes the mesh file whole (aside, then renamed: a reload never sees half of it).
+/// Writes the mesh file whole (the lab's writer: aside, then renamed).
 fn write_mesh(path: &Path, workloads: &str, policies: &str) -> Result<()> {
-    let mut yaml = format!("trustDomain: {TRUST_DOMAIN}\nworkloads:{workloads}\n");
-    if policies.trim().is_empty() {
-        yaml.push_str("policies: []\n");
-    } else {
-        yaml.push_str("policies:\n");
-        for line in policies.lines() {
-            yaml.push_str(&format!("  {line}\n"));
-        }
-    }
-    let tmp = path.with_extension("yaml.tmp");
-    std::fs::write(&tmp, yaml).context("write the mesh file")?;
-    std::fs::rename(&tmp, path).context("replace the mesh file")
+    let yaml = format!("trustDomain: {TRUST_DOMAIN}\nworkloads:{workloads}\n");
+    sluice_lab::cluster::write_mesh_file(yaml, policies, path)
 }
 
 /// A meshed peer on the peer host, with a valid certificate of the mesh, sending hand-made
