@@ -21,6 +21,7 @@ use sluice_agent::selection::Selector;
 use sluice_agent::{cluster, cni_server::CniServer, find, standalone};
 use sluice_capture::ebpf::EbpfCapture;
 use sluice_capture::iptables::IptablesCapture;
+use sluice_capture::netns::Netns;
 use sluice_capture::{Backend, DEFAULT_PIN_ROOT};
 use tracing::{info, warn};
 
@@ -106,6 +107,21 @@ struct Args {
     #[arg(long, env = "SLUICE_PROXY_CGROUP")]
     proxy_cgroup: Option<PathBuf>,
 
+    /// The cgroup holding the node's own processes (kubelet, hostNetwork pods), whose
+    /// connections to captured pods leave from Istio's probe address and reach the app
+    /// uncaptured (eBPF: bind programs attached here; iptables: a SNAT for the node's own
+    /// sockets). Defaults to the cgroup v2 mount, which holds every process; the agent must
+    /// be inside it. `none` turns the exemption off (probes are then captured like any
+    /// connection, and refused under STRICT).
+    #[arg(long, env = "SLUICE_NODE_CGROUP")]
+    node_cgroup: Option<PathBuf>,
+
+    /// The node's network namespace, whose own connections to pods are the node's probes;
+    /// defaults to the agent's (it runs with hostNetwork). A path or a name under
+    /// /var/run/netns.
+    #[arg(long, env = "SLUICE_NODE_NETNS")]
+    node_netns: Option<String>,
+
     /// How long a pod's sandbox start waits for the proxy to take the pod.
     #[arg(
         long,
@@ -172,6 +188,16 @@ fn main() -> Result<()> {
         Some(root) => root.clone(),
         None => sluice_capture::cgroup::v2_root().context("find the cgroup v2 mount")?,
     };
+    let node_cgroup = match &args.node_cgroup {
+        Some(path) if path.as_os_str() == "none" => None,
+        Some(path) => Some(path.clone()),
+        None => Some(cgroup_root.clone()),
+    };
+    let node_netns = match &args.node_netns {
+        Some(arg) => Netns::open_named_or_path(arg),
+        None => Netns::open("/proc/self/ns/net"),
+    }
+    .with_context(|| format!("open the node's netns ({:?})", args.node_netns))?;
     let capture = match args.backend {
         Backend::Ebpf => {
             Capture::Ebpf(EbpfCapture::load(&args.pin_root).context("load eBPF capture")?)
@@ -226,6 +252,8 @@ fn main() -> Result<()> {
         proxy_cgroup: args.proxy_cgroup.clone(),
         cni_wait: wait,
         max_outbound_per_pod: args.max_outbound_per_pod,
+        node_cgroup,
+        node_netns,
         cluster,
     };
     Node::new(config, capture, records, health).run(rx);

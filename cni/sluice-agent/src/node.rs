@@ -74,6 +74,11 @@ pub struct Config {
     pub cni_wait: Duration,
     /// Each pod's bound on captured outbound sockets (eBPF).
     pub max_outbound_per_pod: u32,
+    /// The cgroup whose sockets are the node's own (eBPF: where `bind_node_probe4/6` attach);
+    /// the cgroup v2 root on a real node. `None`: the node's probes are not exempted.
+    pub node_cgroup: Option<PathBuf>,
+    /// The node's netns (the agent's own on a real node; the lab names its node netns).
+    pub node_netns: Netns,
     /// Kubernetes mode: the API server, for annotations and lookups.
     pub cluster: Option<crate::cluster::Handle>,
 }
@@ -137,6 +142,10 @@ pub struct Node {
     deleted: HashMap<String, u64>,
     proxy: Option<Proxy>,
     proxy_cgroup_attached: Option<PathBuf>,
+    /// Why the node's probes are not exempted right now (`None`: they are, or not asked for).
+    node_probes: Option<String>,
+    /// The captured addresses the node's probe SNAT (iptables) was last synced to.
+    probe_snat: Option<Vec<std::net::IpAddr>>,
     waiters: Vec<Waiter>,
     /// CNI requests that came before the first world.
     deferred: Vec<(Request, Sender<Reply>)>,
@@ -160,6 +169,8 @@ impl Node {
             deleted: HashMap::new(),
             proxy: None,
             proxy_cgroup_attached: None,
+            node_probes: None,
+            probe_snat: None,
             waiters: Vec::new(),
             deferred: Vec::new(),
             fetched: BTreeMap::new(),
@@ -177,6 +188,7 @@ impl Node {
                 Err(e) => error!(error = %e, "cannot attach to the proxy cgroup"),
             }
         }
+        self.setup_node_probes();
         loop {
             self.health.beat();
             match events.recv_timeout(TICK) {
@@ -584,6 +596,7 @@ impl Node {
             self.next_rescan = now + RESCAN;
             // Walks the cgroup tree only if a selected pod is not captured.
             self.reconcile();
+            self.keep_node_probes();
         }
         if self.failures.values().any(|f| f.next <= now) {
             // Pods captured but refused by the proxy are retried by handing them over again.
@@ -615,10 +628,16 @@ impl Node {
             ));
             false
         });
+        self.sync_probe_snat();
         self.health.set_pods(self.readiness());
     }
 
     fn readiness(&self) -> Result<(), String> {
+        if let Some(why) = &self.node_probes {
+            return Err(format!(
+                "the node's probes are not exempted from capture: {why}"
+            ));
+        }
         if self.world.is_none() {
             return Err("waiting for the first list of pods".into());
         }
@@ -635,6 +654,73 @@ impl Node {
             return Err(format!("the proxy has not taken pod {uid} yet"));
         }
         Ok(())
+    }
+
+    /// Makes the node's own connections to captured pods (kubelet's probes) reach the app
+    /// uncaptured, Istio's way: they leave from the probe address, which every pod's capture
+    /// lets through. eBPF: the address on `lo` and the bind programs on the node's cgroup;
+    /// iptables: the SNAT chain, synced with the captured addresses on every turn.
+    fn setup_node_probes(&mut self) {
+        let Some(cgroup) = self.cfg.node_cgroup.clone() else {
+            return;
+        };
+        let result = match &mut self.capture {
+            Capture::Ebpf(capture) => {
+                sluice_capture::node::ensure_probe_addresses(&self.cfg.node_netns)
+                    .and_then(|()| capture.attach_node(&cgroup, &self.cfg.node_netns).map(drop))
+            }
+            Capture::Iptables(_) => Ok(()),
+        };
+        self.node_probes = result.err().map(|e| {
+            error!(error = %e, "cannot exempt the node's probes; under STRICT they will be refused");
+            e.to_string()
+        });
+    }
+
+    /// Puts the probe addresses back if something removed them from the node (eBPF), and
+    /// retries a failed set-up.
+    fn keep_node_probes(&mut self) {
+        if self.cfg.node_cgroup.is_none() {
+            return;
+        }
+        if self.node_probes.is_some() {
+            self.setup_node_probes();
+            return;
+        }
+        if let Capture::Ebpf(_) = self.capture
+            && let Err(e) = sluice_capture::node::ensure_probe_addresses(&self.cfg.node_netns)
+        {
+            error!(error = %e, "cannot restore the probe addresses on lo");
+            self.node_probes = Some(e.to_string());
+        }
+    }
+
+    /// iptables: SNATs the node's own connections to exactly the captured pods' addresses.
+    fn sync_probe_snat(&mut self) {
+        if self.cfg.node_cgroup.is_none() || !matches!(self.capture, Capture::Iptables(_)) {
+            return;
+        }
+        let mut addrs: Vec<std::net::IpAddr> = self
+            .pods
+            .values()
+            .flat_map(|p| p.record.addrs.iter().copied())
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        if self.probe_snat.as_ref() == Some(&addrs) {
+            return;
+        }
+        match sluice_capture::node::sync_probe_snat(&self.cfg.node_netns, &addrs) {
+            Ok(()) => {
+                debug!(addrs = addrs.len(), "node probe SNAT synced");
+                self.probe_snat = Some(addrs);
+                self.node_probes = None;
+            }
+            Err(e) => {
+                error!(error = %e, "cannot sync the node's probe SNAT");
+                self.node_probes = Some(e.to_string());
+            }
+        }
     }
 
     /// After a restart: take over the pods an earlier agent captured, without touching the

@@ -4,7 +4,9 @@
 //! Pin layout under the root (default `/sys/fs/bpf/sluice`):
 //! - `maps/SLUICE_*`: every map, shared by all pods and by every instance of the loader;
 //! - `pods/<uid>/<program>`: one link per attached program of an enrolled pod;
-//! - `proxy/original_dst`: the `SO_ORIGINAL_DST` emulation on the proxy's cgroup.
+//! - `proxy/original_dst`: the `SO_ORIGINAL_DST` emulation on the proxy's cgroup;
+//! - `node/bind_node_probe4`, `node/bind_node_probe6`: the node's probe source, on the node's
+//!   cgroup (normally the cgroup v2 root).
 //!
 //! Architecture invariant: a pod is enrolled exactly when `SLUICE_PODS` has its uid; its links,
 //! address and config entries are created after that entry and removed before it, so a crash
@@ -41,7 +43,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Marks a pin root laid out by this version of the programs and maps (a directory: bpffs holds
 /// no regular files). Bump it when a map's definition or a program's contract changes: pins
 /// from an earlier layout are refused, never mixed with new programs.
-const LAYOUT: &str = "layout-2";
+const LAYOUT: &str = "layout-3";
 
 /// Where a program attaches.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -124,7 +126,7 @@ impl EbpfCapture {
         }
         ensure_bpffs(&root)?;
         check_layout(&root)?;
-        for dir in ["maps", "pods", "proxy", LAYOUT] {
+        for dir in ["maps", "pods", "proxy", "node", LAYOUT] {
             let dir = root.join(dir);
             std::fs::create_dir_all(&dir)
                 .map_err(|source| CaptureError::Pin { path: dir, source })?;
@@ -137,6 +139,8 @@ impl EbpfCapture {
             load_program(&mut ebpf, name)?;
         }
         load_program(&mut ebpf, programs::GETSOCKOPT)?;
+        load_program(&mut ebpf, programs::NODE_PROBE4)?;
+        load_program(&mut ebpf, programs::NODE_PROBE6)?;
         info!(root = %root.display(), "ebpf capture loaded");
         Ok(Self {
             ebpf,
@@ -162,6 +166,89 @@ impl EbpfCapture {
     /// Removes the proxy's `SO_ORIGINAL_DST` emulation.
     pub fn detach_proxy(&mut self) -> Result<(), CaptureError> {
         unpin_link(&self.root.join("proxy").join(programs::GETSOCKOPT))
+    }
+
+    /// Makes the node's own connections to captured pods (kubelet's probes, hostNetwork pods)
+    /// leave from Istio's probe address, which inbound capture lets through to the app: attaches
+    /// `bind_node_probe4/6` to `cgroup` (the cgroup v2 root on a real node: kubelet and
+    /// hostNetwork pods may sit anywhere below it) and teaches them `node`, the netns whose
+    /// sockets they bind. The caller must be below that cgroup (the agent is: every process is
+    /// below the root). The probe addresses must be on the node
+    /// (`node::ensure_probe_addresses`), or the binds fail and probes are captured.
+    /// Returns the node's netns cookie.
+    pub fn attach_node(&mut self, cgroup: &Path, node: &Netns) -> Result<u64, CaptureError> {
+        let dir = open_cgroup(cgroup)?;
+        for (program, attach) in [
+            (programs::NODE_PROBE4, AttachType::Inet4Connect),
+            (programs::NODE_PROBE6, AttachType::Inet6Connect),
+        ] {
+            let link = self.link(program, attach, &dir, cgroup)?;
+            let pin = self.root.join("node").join(program);
+            unpin_link(&pin)?;
+            sys::obj_pin(link.as_fd(), &pin)
+                .map_err(|source| CaptureError::Pin { path: pin, source })?;
+        }
+        let cookie = self.learn_node_netns(cgroup, node)?;
+        info!(cgroup = %cgroup.display(), netns_cookie = cookie, "node probes leave from the probe address");
+        Ok(cookie)
+    }
+
+    /// Removes the node probe programs (the node's connections to pods are then captured).
+    pub fn detach_node(&mut self) -> Result<(), CaptureError> {
+        for program in [programs::NODE_PROBE4, programs::NODE_PROBE6] {
+            unpin_link(&self.root.join("node").join(program))?;
+        }
+        Ok(())
+    }
+
+    /// The node's netns cookie as the programs know it, learning it first if they do not yet:
+    /// one of the caller's own sockets is filed in `NODE_LEARN` and connected, and the program
+    /// writes back the netns cookie it ran in (userspace cannot read one before Linux 5.14).
+    fn learn_node_netns(&mut self, cgroup: &Path, node: &Netns) -> Result<u64, CaptureError> {
+        let known = {
+            let netns: aya::maps::Array<&mut MapData, u64> = self.typed(maps::NODE_NETNS)?;
+            netns.get(&0, 0).map_err(map_err(maps::NODE_NETNS))?
+        };
+        if known != 0 {
+            return Ok(known);
+        }
+        let in_node = |what: &'static str| {
+            move |source| CaptureError::InNetns {
+                what,
+                netns: node.path().to_path_buf(),
+                source,
+            }
+        };
+        // Created in the node's netns (a socket's netns is fixed at creation), then used here.
+        let socket = node
+            .run(|| std::net::UdpSocket::bind("127.0.0.1:0"))
+            .and_then(|s| s)
+            .map_err(in_node("open a socket to learn the node's netns"))?;
+        let cookie = sys::socket_cookie(socket.as_fd())
+            .map_err(in_node("read the learning socket's cookie (SO_COOKIE)"))?;
+        {
+            let mut learn: HashMap<&mut MapData, u64, u64> = self.hash(maps::NODE_LEARN)?;
+            learn
+                .insert(cookie, 0, 0)
+                .map_err(map_err(maps::NODE_LEARN))?;
+        }
+        // A UDP connect sends nothing; it only runs the connect hooks.
+        let connected = socket.connect("127.0.0.1:9");
+        let learnt = {
+            let mut learn: HashMap<&mut MapData, u64, u64> = self.hash(maps::NODE_LEARN)?;
+            let value = learn.get(&cookie, 0).unwrap_or(0);
+            let _ = learn.remove(&cookie);
+            value
+        };
+        connected.map_err(in_node("connect the learning socket"))?;
+        if learnt == 0 {
+            return Err(CaptureError::NodeNetns {
+                cgroup: cgroup.to_path_buf(),
+            });
+        }
+        let mut netns: aya::maps::Array<&mut MapData, u64> = self.typed(maps::NODE_NETNS)?;
+        netns.set(0, learnt, 0).map_err(map_err(maps::NODE_NETNS))?;
+        Ok(learnt)
     }
 
     /// The pods enrolled under this pin root.
@@ -295,6 +382,12 @@ impl EbpfCapture {
                 });
             }
         }
+
+        // The app's replies to the proxy's dials from a client's address come back to the proxy
+        // (`reply.rs`); in place before inbound is steered, so the first dial already works.
+        netns
+            .run(crate::reply::install_current)
+            .map_err(|e| in_netns("enter the netns for reply routing", e))??;
 
         let dir = self.pod_dir(&pod.uid);
         std::fs::create_dir_all(&dir).map_err(|source| CaptureError::Pin {
@@ -615,7 +708,20 @@ impl Redirector for EbpfCapture {
     }
 
     fn remove(&mut self, pod: &PodCapture) -> Result<(), CaptureError> {
-        self.remove_uid(&pod.uid)
+        self.remove_uid(&pod.uid)?;
+        // Capture is gone; the reply routing goes after it (a netns that is gone took it along).
+        match Netns::open(&pod.netns) {
+            Ok(netns) => {
+                netns
+                    .run(crate::reply::remove_current)
+                    .map_err(|source| CaptureError::InNetns {
+                        what: "enter the netns to remove reply routing",
+                        netns: pod.netns.clone(),
+                        source,
+                    })?
+            }
+            Err(_) => Ok(()),
+        }
     }
 }
 
@@ -698,6 +804,9 @@ pub fn remove_pin_root(root: &Path) -> Result<(), CaptureError> {
         return Ok(());
     }
     unpin_link(&root.join("proxy").join(programs::GETSOCKOPT))?;
+    for program in [programs::NODE_PROBE4, programs::NODE_PROBE6] {
+        unpin_link(&root.join("node").join(program))?;
+    }
     std::fs::remove_dir_all(root).map_err(|source| CaptureError::Pin {
         path: root.to_path_buf(),
         source,

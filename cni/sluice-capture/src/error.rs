@@ -100,4 +100,9 @@ pub enum CaptureError {
          start again"
     )]
     PinLayout { root: PathBuf, layout: &'static str },
+
+    #[error(
+        "the node probe programs on cgroup {cgroup} did not see the agent's own socket, so they cannot tell the node's netns; run the agent inside that cgroup's subtree (the default, the cgroup v2 root, holds every process) or point --node-cgroup at a cgroup that holds it"
+    )]
+    NodeNetns { cgroup: PathBuf },
 }

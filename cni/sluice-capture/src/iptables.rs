@@ -60,6 +60,13 @@ impl Family {
         }
     }
 
+    fn probe_source(self) -> String {
+        match self {
+            Family::V4 => format!("{}/32", crate::node::PROBE_V4),
+            Family::V6 => format!("{}/128", crate::node::PROBE_V6),
+        }
+    }
+
     fn any(self) -> &'static str {
         match self {
             Family::V4 => "0.0.0.0/0",
@@ -82,6 +89,12 @@ fn install_rules(family: Family, pod: &PodCapture) -> String {
     ));
     r.push_str("COMMIT\n*nat\n:ISTIO_PRERT - [0:0]\n:ISTIO_OUTPUT - [0:0]\n");
     r.push_str("-A PREROUTING -j ISTIO_PRERT\n-A OUTPUT -j ISTIO_OUTPUT\n");
+    // The node's own connections (kubelet's probes), SNATed to the probe address on the node
+    // (`crate::node::sync_probe_snat`), reach the app uncaptured, as with Istio.
+    r.push_str(&format!(
+        "-A ISTIO_PRERT -s {} -p tcp -m tcp -j ACCEPT\n",
+        family.probe_source()
+    ));
     for port in &pod.exclude_inbound_ports {
         r.push_str(&format!("-A ISTIO_PRERT -p tcp --dport {port} -j RETURN\n"));
     }
@@ -336,10 +349,25 @@ mod tests {
             "-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT",
             "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT",
             "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001",
+            "-A ISTIO_PRERT -s 169.254.7.127/32 -p tcp -m tcp -j ACCEPT",
         ] {
             assert!(rules.contains(expected), "missing {expected:?} in\n{rules}");
         }
-        assert!(install_rules(Family::V6, &pod()).contains("! -d ::1/128 -o lo -j ACCEPT"));
+        let v6 = install_rules(Family::V6, &pod());
+        assert!(v6.contains("! -d ::1/128 -o lo -j ACCEPT"));
+        assert!(v6.contains(
+            "-A ISTIO_PRERT -s fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128 -p tcp -m tcp -j ACCEPT"
+        ));
+        let probe = rules_of(&install_rules(Family::V4, &pod()), "-s 169.254.7.127");
+        let redirect = rules_of(&install_rules(Family::V4, &pod()), "--to-ports 15006");
+        assert!(
+            probe < redirect,
+            "the probe exemption must come before the redirect"
+        );
+    }
+
+    fn rules_of(rules: &str, needle: &str) -> usize {
+        rules.find(needle).unwrap_or(usize::MAX)
     }
 
     #[test]

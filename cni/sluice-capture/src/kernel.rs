@@ -44,6 +44,7 @@ pub fn check() -> Vec<Check> {
             Err(e) => format!("{e}; outbound capture attaches to the pod's cgroup v2 directory"),
         },
     });
+    checks.push(preserve_source());
     crate::sys::raise_memlock_limit();
     // The maps are declared pinned by name; give them a scratch directory so a check never
     // touches a live pin root.
@@ -89,6 +90,57 @@ pub fn check() -> Vec<Check> {
     }
     let _ = std::fs::remove_dir_all(&scratch);
     checks
+}
+
+/// Whether the proxy can dial apps from the client's address (`--preserve-source`, on by
+/// default): transparent sockets, and, for the app's replies under eBPF capture, the mark
+/// sysctls (policy routing is checked at each pod's capture, which fails naming it).
+fn preserve_source() -> Check {
+    let what = "the app can see the client's address (--preserve-source)".to_owned();
+    let mut missing = Vec::new();
+    match std::net::TcpListener::bind("127.0.0.1:0") {
+        Ok(socket) => {
+            let one: libc::c_int = 1;
+            // SAFETY: a valid fd and a c_int option value of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&socket),
+                    libc::SOL_IP,
+                    libc::IP_TRANSPARENT,
+                    std::ptr::from_ref(&one).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                missing.push(format!(
+                    "IP_TRANSPARENT: {} (needs CAP_NET_ADMIN)",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        Err(e) => missing.push(format!("open a socket: {e}")),
+    }
+    for sysctl in [
+        "ipv4/tcp_fwmark_accept",
+        "ipv4/fwmark_reflect",
+        "ipv6/fwmark_reflect",
+    ] {
+        if !std::path::Path::new("/proc/sys/net").join(sysctl).exists() {
+            missing.push(format!("net.{} is missing", sysctl.replace('/', ".")));
+        }
+    }
+    Check {
+        what,
+        ok: missing.is_empty(),
+        detail: if missing.is_empty() {
+            "transparent sockets, fwmark sysctls".to_owned()
+        } else {
+            format!(
+                "{}; run the proxy with --preserve-source=false (apps then see the pod's own address)",
+                missing.join("; ")
+            )
+        },
+    }
 }
 
 fn load_one(ebpf: &mut Ebpf, name: &str) -> Result<(), String> {

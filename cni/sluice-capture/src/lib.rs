@@ -15,13 +15,16 @@ pub mod inbound_map;
 pub mod iptables;
 pub mod kernel;
 pub mod netns;
+pub mod node;
 mod pod;
+pub mod reply;
 mod sys;
 
 pub use error::CaptureError;
 pub use pod::{PodCapture, PodUid};
 pub use sluice_common::{
-    DEFAULT_MAX_TRACKED_PER_POD, MAX_TRACKED, PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND, Verdict,
+    DEFAULT_MAX_TRACKED_PER_POD, MAX_TRACKED, PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND,
+    PROBE_SOURCE_V4, PROBE_SOURCE_V6, Verdict,
 };
 
 /// Where the eBPF backend pins its maps and links unless told otherwise.
@@ -29,6 +32,12 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sluice";
 
 /// Istio's mark on the proxy's in-pod sockets (1337); the iptables rules let it through.
 pub const PROXY_MARK: u32 = 0x539;
+
+/// The proxy's connections to an app that carry the client's address: the low 12 bits are
+/// PROXY_MARK (iptables lets them through and connmarks their replies back, Istio's way); bit 12
+/// routes the app's replies back to the proxy under eBPF capture, where the app's socket
+/// inherits the SYN's mark (`tcp_fwmark_accept`).
+pub const APP_DIAL_MARK: u32 = PROXY_MARK | 0x1000;
 
 /// The capture mechanism.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]

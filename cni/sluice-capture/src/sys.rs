@@ -183,3 +183,24 @@ pub fn raise_memlock_limit() {
         tracing::debug!(error = %io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
     }
 }
+
+/// A socket's cookie (`SO_COOKIE`, Linux 4.12), the key BPF programs see for it.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    const SO_COOKIE: libc::c_int = 57;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid for writes of the given size; the fd is borrowed.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}

@@ -38,6 +38,19 @@ pub const MAX_TRACKED: u32 = 524_288;
 /// 3, e.g. `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice`).
 pub const MAX_CGROUP_DEPTH: u32 = 16;
 
+/// The source address the node's own connections to captured pods carry (kubelet's probes,
+/// hostNetwork pods): Istio ambient's `169.254.7.127`. Inbound capture lets connections from it
+/// through to the app, as Istio's in-pod rules do. With eBPF the node binds such sockets to it
+/// (`bind_node_probe4`, the address is on the node's `lo`); with iptables the node SNATs to it.
+pub const PROBE_SOURCE_V4: [u8; 4] = [169, 254, 7, 127];
+/// The IPv6 counterpart Istio uses, `fd16:9254:7127:1337:ffff:ffff:ffff:ffff`.
+pub const PROBE_SOURCE_V6: [u8; 16] = [
+    0xfd, 0x16, 0x92, 0x54, 0x71, 0x27, 0x13, 0x37, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+];
+/// Bound on the proxy's in-flight dials to apps with a client's source (`SLUICE_PROXY_DIALS`);
+/// the proxy dials without the client's address when it is full.
+pub const MAX_PROXY_DIALS: u32 = 65_536;
+
 /// Map names, shared so the loader can find and pin them.
 pub mod maps {
     /// `AddrKey` → `PodKey`: which enrolled pod owns an address. Written only by the loader,
@@ -72,6 +85,17 @@ pub mod maps {
     /// `PodUid` → `PodState`: userspace-only bookkeeping of enrolled pods, pinned with the rest
     /// so a restarted agent can clean up what an earlier one enrolled.
     pub const PODS: &str = "SLUICE_PODS";
+    /// `DialKey` → `u32` (unused): the proxy's connections to an app that carry the client's
+    /// address as source (`IP_TRANSPARENT`), written by the proxy just before `connect()` and
+    /// removed once it returns. `steer_inbound` lets exactly these SYNs through to the app; any
+    /// other SYN with a foreign source is captured. No pod can write it.
+    pub const PROXY_DIALS: &str = "SLUICE_PROXY_DIALS";
+    /// Index 0 → the node's netns cookie, learnt by `bind_node_probe4` from the agent's own
+    /// socket (userspace cannot read a netns cookie before Linux 5.14). 0 until learnt.
+    pub const NODE_NETNS: &str = "SLUICE_NODE_NETNS";
+    /// socket cookie → netns cookie: the agent files one of its own sockets' cookie here and
+    /// connects it; `bind_node_probe4` fills in the netns cookie it ran in.
+    pub const NODE_LEARN: &str = "SLUICE_NODE_LEARN";
 }
 
 /// Program names in the object, shared so the loader can find them.
@@ -84,6 +108,8 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "restore_peer6";
     pub const GETSOCKOPT: &str = "original_dst";
     pub const SOCK_RELEASE: &str = "forget_socket";
+    pub const NODE_PROBE4: &str = "bind_node_probe4";
+    pub const NODE_PROBE6: &str = "bind_node_probe6";
 }
 
 /// Identifies one pod in every per-pod map: the inode number of its network namespace.
@@ -194,6 +220,20 @@ pub struct PairKey {
     pub addr: [u32; 4],
 }
 
+/// A connection the proxy is about to make, inside pod `pod`'s netns, from the client's address
+/// `remote`:`remote_port` to the app at `local`:`local_port` (named as the app's side sees it,
+/// which is how sk_lookup sees the SYN). Ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DialKey {
+    pub pod: PodKey,
+    pub remote: AddrKey,
+    pub local: AddrKey,
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub _pad: u32,
+}
+
 /// Verdict codes: indexes into the `VERDICTS` counters. The numbers are stable (exported as
 /// metrics and shown by `cargo xtask load --status`): only ever append.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,10 +279,21 @@ pub enum Verdict {
     OutboundSpoofRefused = 16,
     /// Inbound lookup that is not TCP (ambient captures TCP only).
     InboundPassNotTcp = 17,
+    /// Inbound SYN of the proxy's own connection to the app carrying the client's source
+    /// address (registered in `PROXY_DIALS`): passed to the app.
+    InboundPassProxyDial = 18,
+    /// Inbound from the node's own probe address (`PROBE_SOURCE_V4`/`_V6`): kubelet's probes,
+    /// passed to the app uncaptured as Istio does.
+    InboundPassNodeProbe = 19,
+    /// A node socket's connect to a captured pod was bound to the probe source address.
+    NodeProbeBound = 20,
+    /// Binding a node socket to the probe source failed (already bound, or the address is
+    /// missing from the node): the connection goes on from its own address and is captured.
+    NodeProbeBindFailed = 21,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 22;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::InboundSteered,
         Verdict::InboundPassPort,
@@ -262,6 +313,10 @@ impl Verdict {
         Verdict::OutboundDropQuota,
         Verdict::OutboundSpoofRefused,
         Verdict::InboundPassNotTcp,
+        Verdict::InboundPassProxyDial,
+        Verdict::InboundPassNodeProbe,
+        Verdict::NodeProbeBound,
+        Verdict::NodeProbeBindFailed,
     ];
 
     /// A stable snake_case name for metrics and status output.
@@ -285,6 +340,10 @@ impl Verdict {
             Verdict::OutboundDropQuota => "outbound_drop_quota",
             Verdict::OutboundSpoofRefused => "outbound_spoof_refused",
             Verdict::InboundPassNotTcp => "inbound_pass_not_tcp",
+            Verdict::InboundPassProxyDial => "inbound_pass_proxy_dial",
+            Verdict::InboundPassNodeProbe => "inbound_pass_node_probe",
+            Verdict::NodeProbeBound => "node_probe_bound",
+            Verdict::NodeProbeBindFailed => "node_probe_bind_failed",
         }
     }
 }
@@ -302,8 +361,8 @@ impl PodConfig {
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        AddrKey, CgroupKey, OrigDst, PairKey, PeerOrig, PodConfig, PodKey, PodState, PodUidKey,
-        SockOrig,
+        AddrKey, CgroupKey, DialKey, OrigDst, PairKey, PeerOrig, PodConfig, PodKey, PodState,
+        PodUidKey, SockOrig,
     };
 
     // SAFETY: each type is #[repr(C)], made only of integers and integer arrays, with no implicit
@@ -328,6 +387,8 @@ mod user {
     unsafe impl aya::Pod for SockOrig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PeerOrig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DialKey {}
 }
 
 #[cfg(test)]
@@ -345,6 +406,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<PairKey>(), 24);
         assert_eq!(core::mem::size_of::<SockOrig>(), 32);
         assert_eq!(core::mem::size_of::<PeerOrig>(), 32);
+        assert_eq!(core::mem::size_of::<DialKey>(), 56);
     }
 
     #[test]
@@ -355,6 +417,7 @@ mod tests {
         assert_eq!(Verdict::PeerRestored as u32, 13);
         assert_eq!(Verdict::OutboundDropNoPod as u32, 14);
         assert_eq!(Verdict::InboundPassNotTcp as u32, 17);
+        assert_eq!(Verdict::NodeProbeBindFailed as u32, 21);
     }
 
     #[test]

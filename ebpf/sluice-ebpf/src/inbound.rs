@@ -12,13 +12,27 @@
 use aya_ebpf::bindings::{sk_action::SK_DROP, sk_action::SK_PASS};
 use aya_ebpf::macros::sk_lookup;
 use aya_ebpf::programs::SkLookupContext;
-use sluice_common::{AF_INET, AF_INET6, PORT_HBONE, Verdict};
+use sluice_common::{
+    AF_INET, AF_INET6, DialKey, PORT_HBONE, PROBE_SOURCE_V4, PROBE_SOURCE_V6, Verdict,
+};
 
-use crate::addr::{is_loopback4, is_loopback6};
-use crate::maps::{POD_CONFIG, POD_SELF, PROXY_INBOUND, count};
+use crate::addr::{is_loopback4, is_loopback6, key4, key6};
+use crate::maps::{POD_CONFIG, POD_SELF, PROXY_DIALS, PROXY_INBOUND, count};
 
 const IPPROTO_TCP: u32 = 6;
 const ENOENT: i32 = 2;
+
+/// The IPv6 probe address as the four network-byte-order words sk_lookup presents.
+#[inline(always)]
+fn probe6() -> [u32; 4] {
+    let b = PROBE_SOURCE_V6;
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
 
 #[sk_lookup]
 pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
@@ -44,26 +58,42 @@ fn steer(ctx: &SkLookupContext) -> Verdict {
     if pod.netns_ino == 0 {
         return Verdict::InboundPassNotPod;
     }
-    // Connections made inside the pod are not captured: loopback, and a connection whose source
-    // is its destination address (the proxy's own connection to the app, or the app talking to
-    // itself; capturing it would loop). Over IPv4 nothing from outside can carry the pod's own
-    // address as source (the kernel drops it as a martian before the lookup); over IPv6 a
-    // neighbour's spoofed SYN can, but its handshake cannot complete: the SYN-ACK goes to the
-    // pod itself. (`ingress_ifindex`
-    // cannot tell instead: it came in Linux 5.17, and for a pod's own address the kernel reports
-    // the interface that owns it, not `lo`.)
-    match lookup.family {
-        AF_INET if is_loopback4(lookup.local_ip4) || lookup.remote_ip4 == lookup.local_ip4 => {
-            return Verdict::InboundPassLocal;
-        }
-        AF_INET6 if is_loopback6(lookup.local_ip6) || lookup.remote_ip6 == lookup.local_ip6 => {
-            return Verdict::InboundPassLocal;
-        }
-        AF_INET | AF_INET6 => {}
-        _ => return Verdict::InboundPassNotTcp,
-    }
-    // sk_lookup's local_port is in host byte order.
+    // sk_lookup's ports: local in host byte order, remote in network byte order (a 2-byte
+    // load, which every kernel with sk_lookup allows).
     let port = lookup.local_port as u16;
+    let remote_port = u16::from_be(lookup.remote_port);
+    // What passes to the app uncaptured:
+    // - connections made inside the pod: loopback, and source = destination address (the app
+    //   talking to itself on its own address; the proxy's dial when it does not carry the
+    //   client's address). Over IPv4 nothing from outside can carry the pod's own address as
+    //   source (the kernel drops it as a martian before the lookup); over IPv6 a neighbour's
+    //   spoofed SYN can, but its handshake cannot complete: the SYN-ACK goes to the pod itself.
+    //   (`ingress_ifindex` cannot tell instead: it came in Linux 5.17, and for a pod's own
+    //   address the kernel reports the interface that owns it, not `lo`.)
+    // - the node's probes, from Istio's probe address (`probe.rs`), as Istio's in-pod rules do.
+    // - the proxy's own dial to the app carrying the client's address: exactly the tuple the
+    //   proxy registered in `PROXY_DIALS` (which no pod can write) just before connecting.
+    let (remote, local) = match lookup.family {
+        AF_INET => {
+            if is_loopback4(lookup.local_ip4) || lookup.remote_ip4 == lookup.local_ip4 {
+                return Verdict::InboundPassLocal;
+            }
+            if lookup.remote_ip4 == u32::from_ne_bytes(PROBE_SOURCE_V4) {
+                return Verdict::InboundPassNodeProbe;
+            }
+            (key4(lookup.remote_ip4), key4(lookup.local_ip4))
+        }
+        AF_INET6 => {
+            if is_loopback6(lookup.local_ip6) || lookup.remote_ip6 == lookup.local_ip6 {
+                return Verdict::InboundPassLocal;
+            }
+            if lookup.remote_ip6 == probe6() {
+                return Verdict::InboundPassNodeProbe;
+            }
+            (key6(lookup.remote_ip6), key6(lookup.local_ip6))
+        }
+        _ => return Verdict::InboundPassNotTcp,
+    };
     if port == PORT_HBONE {
         return Verdict::InboundPassPort;
     }
@@ -72,6 +102,18 @@ fn steer(ctx: &SkLookupContext) -> Verdict {
         && config.excludes_inbound(port)
     {
         return Verdict::InboundPassPort;
+    }
+    let dial = DialKey {
+        pod,
+        remote,
+        local,
+        remote_port,
+        local_port: port,
+        _pad: 0,
+    };
+    // SAFETY: map values are valid while the program runs.
+    if unsafe { PROXY_DIALS.get(dial) }.is_some() {
+        return Verdict::InboundPassProxyDial;
     }
     // A missing proxy socket (proxy down or not yet ready for this pod) refuses the connection:
     // inbound traffic to a captured pod never reaches the app around the proxy.

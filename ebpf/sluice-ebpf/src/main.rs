@@ -7,6 +7,8 @@
 //!   (ip, port), which is what the proxy sees as the peer, if the pod owns that ip.
 //! - `forget_socket` (cgroup sock_release, pod cgroup): a released socket's entry goes.
 //! - `restore_peer4/6` (cgroup getpeername, pod cgroup): the app sees its real peer.
+//! - `bind_node_probe4/6` (cgroup connect, the node's cgroup): the node's own connections to
+//!   captured pods (kubelet's probes) leave from Istio's probe address, which inbound lets by.
 //! - `original_dst` (cgroup getsockopt, proxy cgroup): answers `SO_ORIGINAL_DST` like conntrack
 //!   would after an iptables REDIRECT, so the proxy code is the same for both backends.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -20,6 +22,7 @@ mod inbound;
 mod maps;
 mod origdst;
 mod outbound;
+mod probe;
 
 /// GPL-compatible so the verifier allows every helper; the programs are dual-licensed.
 #[cfg(target_arch = "bpf")]

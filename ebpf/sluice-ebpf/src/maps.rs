@@ -5,8 +5,8 @@ use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, SockHash};
 use sluice_common::{
-    AddrKey, CgroupKey, MAX_TRACKED, PairKey, PeerOrig, PodConfig, PodKey, PodState, PodUidKey,
-    SockOrig, Verdict,
+    AddrKey, CgroupKey, DialKey, MAX_PROXY_DIALS, MAX_TRACKED, PairKey, PeerOrig, PodConfig,
+    PodKey, PodState, PodUidKey, SockOrig, Verdict,
 };
 
 /// Pods per node are bounded by the kubelet (110 by default); leave ample headroom.
@@ -42,6 +42,20 @@ pub static PEER_ORIG: HashMap<PairKey, PeerOrig> = HashMap::pinned(MAX_TRACKED, 
 
 #[map(name = "SLUICE_POD_TRACKED")]
 pub static POD_TRACKED: HashMap<PodKey, u64> = HashMap::pinned(MAX_PODS, 0);
+
+/// Written by the proxy only (just before it dials an app from a client's address, removed
+/// once connected); read by `steer_inbound`. Not LRU: when full, the proxy dials without the
+/// client's address rather than evicting another dial's entry.
+#[map(name = "SLUICE_PROXY_DIALS")]
+pub static PROXY_DIALS: HashMap<DialKey, u32> = HashMap::pinned(MAX_PROXY_DIALS, BPF_F_NO_PREALLOC);
+
+/// Index 0: the node's netns cookie, written by the agent once learnt (see `probe.rs`).
+#[map(name = "SLUICE_NODE_NETNS")]
+pub static NODE_NETNS: Array<u64> = Array::pinned(1, 0);
+
+/// The agent's learning sockets (socket cookie → netns cookie); a handful at most.
+#[map(name = "SLUICE_NODE_LEARN")]
+pub static NODE_LEARN: HashMap<u64, u64> = HashMap::pinned(16, 0);
 
 #[map(name = "SLUICE_VERDICTS")]
 pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(Verdict::COUNT, 0);

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -21,7 +21,7 @@ use sluice_capture::Backend;
 use sluice_capture::ebpf;
 
 use crate::WAIT;
-use crate::app::{Placement, ProcessGuard, command_in, sibling_binary};
+use crate::app::{Outcome, Placement, ProcessGuard, command_in, sibling_binary};
 use crate::daemon::Daemon;
 use crate::lab::{CgroupGuard, DirGuard, NetnsGuard, PinRootGuard, unique_id};
 use crate::proxy::ProxyProcess;
@@ -114,6 +114,9 @@ pub struct AgentLab {
     _pins: Option<PinRootGuard>,
     proxy_cgroup: CgroupGuard,
     kubepods: CgroupGuard,
+    /// The node's own processes (the agent, and kubelet's probes): the agent's
+    /// `--node-cgroup`, as the cgroup v2 root is on a real node.
+    node_cgroup: CgroupGuard,
     pub node: NetnsGuard,
     dir: DirGuard,
     pub id: String,
@@ -174,6 +177,7 @@ impl AgentLab {
             CgroupDriver::Systemd => format!("sluice-{id}-kubepods.slice"),
         })?;
         let proxy_cgroup = CgroupGuard::new(&format!("sluice-{id}-proxy"))?;
+        let node_cgroup = CgroupGuard::new(&format!("sluice-{id}-node"))?;
         let pins = (backend == Backend::Ebpf).then(|| PinRootGuard {
             path: PathBuf::from(format!("/sys/fs/bpf/sluice-lab-{id}")),
         });
@@ -186,6 +190,7 @@ impl AgentLab {
             _pins: pins,
             proxy_cgroup,
             kubepods,
+            node_cgroup,
             node,
             dir,
             id,
@@ -262,9 +267,34 @@ impl AgentLab {
         self.path("net.d")
     }
 
+    /// Where the node's own processes run: its netns and its cgroup (kubelet's probes).
+    pub fn node_placement(&self) -> Placement {
+        Placement {
+            netns: self.node.path(),
+            cgroup: Some(self.node_cgroup.path.clone()),
+        }
+    }
+
+    /// A TCP probe as kubelet sends it: from the node's netns and a node process, to `addr`;
+    /// what the app saw is in `server_saw`.
+    pub fn probe(&self, addr: SocketAddr) -> Result<Outcome> {
+        crate::app::run_client(&self.node_placement(), addr, 1024)
+    }
+
+    /// An HTTP probe as kubelet sends it (`GET /healthz`), to an app serving HTTP
+    /// ([`crate::app::spawn_http_server`]); returns the status code.
+    pub fn http_probe(&self, addr: SocketAddr) -> Result<crate::app::HttpOutcome> {
+        crate::app::run_http_get(&self.node_placement(), addr)
+    }
+
     /// Starts the agent and waits for its "started" line.
     pub fn start_agent(&mut self) -> Result<()> {
-        let mut cmd = Command::new(sibling_binary("sluice-cni-agent")?);
+        // The agent runs in the node's cgroup as on a real node (every process is below the
+        // cgroup v2 root); its probe programs learn the node's netns from its own socket.
+        let mut cmd = crate::app::command_in_cgroup(
+            &sibling_binary("sluice-cni-agent")?,
+            &self.node_cgroup.path,
+        )?;
         match &self.kube {
             Some(kube) => {
                 cmd.args(["--node-name", NODE_NAME])
@@ -287,6 +317,10 @@ impl AgentLab {
             .arg(self.path("bin"))
             .arg("--cni-conf-dir")
             .arg(self.conf_dir())
+            .arg("--node-cgroup")
+            .arg(&self.node_cgroup.path)
+            .arg("--node-netns")
+            .arg(self.node.path())
             .args(["--health-addr", "127.0.0.1:0", "--cni-wait", "8"])
             .env(
                 "RUST_LOG",

@@ -118,10 +118,49 @@ pub fn command_in(program: &Path, place: &Placement) -> Result<Command> {
     Ok(cmd)
 }
 
+/// A command that joins `cgroup` before exec and stays in the caller's netns (the lab's agent,
+/// which runs in its node's cgroup but serves its health port on the host's loopback).
+pub fn command_in_cgroup(program: &Path, cgroup: &Path) -> Result<Command> {
+    let procs = CString::new(
+        cgroup
+            .join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )?;
+    let mut cmd = Command::new(program);
+    // SAFETY: between fork and exec the closure calls only open/write/close, which are
+    // async-signal-safe, on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+            libc::close(fd);
+            if !ok {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// Starts an HTTP server (every request answered `200` with body `peer=<client>`) on `addrs`
+/// inside `place`, the app behind an HTTP probe; returns once it is listening.
+pub fn spawn_http_server(place: &Placement, addrs: &[SocketAddr]) -> Result<ProcessGuard> {
+    spawn_listening(place, addrs, "http-serve")
+}
+
 /// Starts an echo server listening on `addrs` inside `place`; returns once it is listening.
 pub fn spawn_server(place: &Placement, addrs: &[SocketAddr]) -> Result<ProcessGuard> {
+    spawn_listening(place, addrs, "serve")
+}
+
+fn spawn_listening(place: &Placement, addrs: &[SocketAddr], mode: &str) -> Result<ProcessGuard> {
     let mut cmd = command_in(&binary()?, place)?;
-    cmd.arg("app").arg("serve");
+    cmd.arg("app").arg(mode);
     for addr in addrs {
         cmd.arg("--listen").arg(addr.to_string());
     }
@@ -129,7 +168,7 @@ pub fn spawn_server(place: &Placement, addrs: &[SocketAddr]) -> Result<ProcessGu
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("spawn the echo server")?;
+        .with_context(|| format!("spawn the {mode} server"))?;
     let stdout = child.stdout.take().context("server stdout")?;
     let mut guard = ProcessGuard {
         child,
@@ -139,7 +178,7 @@ pub fn spawn_server(place: &Placement, addrs: &[SocketAddr]) -> Result<ProcessGu
     BufReader::new(stdout).read_line(&mut line)?;
     if line.trim() != "listening" {
         guard.kill();
-        bail!("echo server on {addrs:?} did not start (said {line:?})");
+        bail!("{mode} server on {addrs:?} did not start (said {line:?})");
     }
     Ok(guard)
 }
@@ -175,6 +214,116 @@ pub fn run_client(place: &Placement, to: SocketAddr, bytes: u64) -> Result<Outco
         .context("run the client")?;
     let line = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(line.trim()).with_context(|| format!("client printed {line:?}"))
+}
+
+/// What an HTTP probe saw.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct HttpOutcome {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub status: Option<u16>,
+    /// The client address the server saw (its response body).
+    pub server_saw: Option<String>,
+}
+
+/// One HTTP GET to `to` from inside `place`, as kubelet's HTTP probe sends it.
+pub fn run_http_get(place: &Placement, to: SocketAddr) -> Result<HttpOutcome> {
+    let mut cmd = command_in(&binary()?, place)?;
+    cmd.args(["app", "http-get", "--to", &to.to_string()]);
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run the HTTP client")?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.trim()).with_context(|| format!("HTTP client printed {line:?}"))
+}
+
+/// HTTP server side, run by `sluice-lab app http-serve`: one request per connection.
+pub fn http_serve(addrs: &[SocketAddr]) -> Result<()> {
+    let listeners: Vec<TcpListener> = addrs
+        .iter()
+        .map(|a| TcpListener::bind(a).with_context(|| format!("bind {a}")))
+        .collect::<Result<_>>()?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    let mut threads = Vec::new();
+    for listener in listeners {
+        threads.push(std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let _ = answer_http(stream);
+                });
+            }
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn answer_http(mut stream: TcpStream) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(WAIT))?;
+    let peer = stream.peer_addr()?;
+    // Read the request head (bounded: 8 KiB), then answer and close.
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let body = format!("peer={peer}");
+    stream.write_all(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )?;
+    stream.shutdown(Shutdown::Write)
+}
+
+/// HTTP client side, run by `sluice-lab app http-get`: prints one JSON [`HttpOutcome`].
+pub fn http_get(to: SocketAddr) -> HttpOutcome {
+    let attempt = || -> Result<HttpOutcome> {
+        let mut stream = TcpStream::connect_timeout(&to, WAIT)?;
+        stream.set_read_timeout(Some(WAIT))?;
+        stream.write_all(
+            format!(
+                "GET /healthz HTTP/1.1\r\nHost: {to}\r\nUser-Agent: kube-probe/1.31\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )?;
+        let mut response = Vec::new();
+        stream
+            .take(64 * 1024)
+            .read_to_end(&mut response)
+            .context("read the response")?;
+        let response = String::from_utf8_lossy(&response);
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("no status line in {response:?}"))?;
+        let server_saw = response
+            .split_once("\r\n\r\n")
+            .and_then(|(_, body)| body.strip_prefix("peer="))
+            .map(str::to_owned);
+        Ok(HttpOutcome {
+            ok: status == 200,
+            error: None,
+            status: Some(status),
+            server_saw,
+        })
+    };
+    attempt().unwrap_or_else(|e| HttpOutcome {
+        ok: false,
+        error: Some(format!("{e:#}")),
+        ..Default::default()
+    })
 }
 
 /// Server side, run by `sluice-lab app serve`.

@@ -302,8 +302,10 @@ fn connrate(place: &Placement, to: SocketAddr, seconds: f64) -> Result<f64> {
     summary["per_second"].as_f64().context("per_second missing")
 }
 
-/// The HBONE benchmark's modes: the same two-node cluster without the mesh, and with it.
-const HBONE_MODES: [&str; 3] = ["direct", "iptables", "ebpf"];
+/// The HBONE benchmark's modes: the same two-node cluster without the mesh, and with it;
+/// `ebpf-own-src` is eBPF with `--preserve-source=false` (the app sees its own pod's address),
+/// what source preservation is measured against.
+const HBONE_MODES: [&str; 4] = ["direct", "iptables", "ebpf", "ebpf-own-src"];
 const HBONE_METRICS: [&str; 6] = [
     "throughput_gbps",
     "throughput_4_gbps",
@@ -409,6 +411,16 @@ fn run_hbone(runs: usize, seconds: u32, rate_seconds: f64) -> Result<()> {
     ) {
         println!("ebpf / iptables (HBONE): throughput {:.2}x", e / i);
     }
+    let preserved = |metric: &str| match (get("ebpf", metric), get("ebpf-own-src", metric)) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.3}x", a / b),
+        _ => "-".to_owned(),
+    };
+    println!(
+        "ebpf, source preserved / not (HBONE): throughput {}, 4 streams {}, connections {}",
+        preserved("throughput_gbps"),
+        preserved("throughput_4_gbps"),
+        preserved("connections_per_s"),
+    );
     write_results(
         "hbone",
         &format!(
@@ -425,6 +437,9 @@ fn measure_hbone(mode: &str, seconds: u32, rate_seconds: f64) -> Result<[Option<
     let cluster = match mode {
         "direct" => Cluster::unmeshed(&pods)?,
         "iptables" => Cluster::new(Backend::Iptables, &pods, &[])?,
+        "ebpf-own-src" => {
+            Cluster::with_proxy_args(Backend::Ebpf, &pods, &[], &["--preserve-source=false"])?
+        }
         _ => Cluster::new(Backend::Ebpf, &pods, &[])?,
     };
     let ([one, four, per_second, p50, p99], _echo) = pair_metrics(&cluster, seconds, rate_seconds)?;

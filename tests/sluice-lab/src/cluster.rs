@@ -126,6 +126,8 @@ pub struct Cluster {
     pins: Vec<PinRootGuard>,
     pub pods: Vec<ClusterPod>,
     proxy_cgroups: Vec<CgroupGuard>,
+    /// Each node's own processes (kubelet's probes), below which the node probe programs sit.
+    node_cgroups: Vec<CgroupGuard>,
     nodes: Vec<NetnsGuard>,
     dir: DirGuard,
     pub id: String,
@@ -300,6 +302,7 @@ impl Cluster {
             pins: Vec::new(),
             pods: cluster_pods,
             proxy_cgroups: Vec::new(),
+            node_cgroups: Vec::new(),
             nodes,
             dir,
             id,
@@ -429,8 +432,60 @@ impl Cluster {
         init_ca(&self.dir.0.join("ca"))
     }
 
+    /// Where node `n`'s own processes run: its netns and its cgroup.
+    pub fn node_placement(&self, n: usize) -> Placement {
+        Placement {
+            netns: self.nodes[n].path(),
+            cgroup: self.node_cgroups.get(n).map(|c| c.path.clone()),
+        }
+    }
+
+    /// A TCP probe as kubelet sends it, from node `n` (its netns and a node process) to `to`.
+    pub fn probe(&self, n: usize, to: SocketAddr) -> Result<crate::app::Outcome> {
+        crate::app::run_client(&self.node_placement(n), to, 1024)
+    }
+
+    /// An HTTP probe as kubelet sends it, from node `n` to `to`.
+    pub fn http_probe(&self, n: usize, to: SocketAddr) -> Result<crate::app::HttpOutcome> {
+        crate::app::run_http_get(&self.node_placement(n), to)
+    }
+
+    /// The node side of the probe exemption, as the agent sets it up: eBPF, the bind programs
+    /// on the node's cgroup (attached by `sluice-load` run inside it, as the agent runs inside
+    /// the cgroup v2 root); iptables, the SNAT for the node's own sockets to its captured pods.
+    fn exempt_node_probes(&self, n: usize, node_cgroup: &Path) -> Result<()> {
+        let node = &self.nodes[n];
+        match self.backend {
+            Backend::Ebpf => {
+                let mut cmd = crate::app::command_in_cgroup(
+                    &crate::app::sibling_binary("sluice-load")?,
+                    node_cgroup,
+                )?;
+                cmd.arg("--pin-root")
+                    .arg(self.pin_root(n))
+                    .arg("--node-cgroup")
+                    .arg(node_cgroup)
+                    .arg("--node-netns")
+                    .arg(node.path());
+                run(&mut cmd).context("attach the node probe programs with sluice-load")?;
+            }
+            Backend::Iptables => {
+                let netns = sluice_capture::netns::Netns::open(node.path())?;
+                let addrs: Vec<std::net::IpAddr> = self
+                    .pods
+                    .iter()
+                    .filter(|p| p.node == n && p.meshed)
+                    .flat_map(|p| p.capture.addrs.iter().copied())
+                    .collect();
+                sluice_capture::node::sync_probe_snat(&netns, &addrs)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Captures the node's meshed pods and starts its proxy for them.
     fn start_node(&mut self, n: usize, proxy_args: &[&str]) -> Result<()> {
+        let node_cgroup = CgroupGuard::new(&format!("sluice-{}-node{n}", self.id))?;
         let proxy_cgroup = CgroupGuard::new(&format!("sluice-{}-proxy{n}", self.id))?;
         let pin_root = self.pin_root(n);
         let mut capture: Box<dyn Redirector> = match self.backend {
@@ -452,6 +507,8 @@ impl Cluster {
             served.push(format!("{}={}", pod.uid, pod.ns.path().display()));
         }
         self.captures.push(capture);
+        self.exempt_node_probes(n, &node_cgroup.path)?;
+        self.node_cgroups.push(node_cgroup);
         let mesh = self.mesh_file();
         let ca = self.dir.0.join("ca");
         let mut extra = vec![

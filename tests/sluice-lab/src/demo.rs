@@ -61,6 +61,10 @@ pub struct Report {
     pub source_identity: String,
     pub destination_identity: String,
     pub notsleep_error: String,
+    /// The client address echo saw on the tunnelled call: sleep's own (source preserved).
+    pub echo_saw_tunnelled: String,
+    /// The client address echo saw on node-b's kubelet probe (Istio's probe address).
+    pub echo_saw_probe: String,
     /// `istio_tcp_connections_opened_total` reported by the destination for sleep → echo.
     pub opened_sleep_to_echo: u64,
 }
@@ -292,6 +296,17 @@ fn demo(options: Options) -> Result<Report> {
     let meshed = app::run_client(&cluster.pod("sleep")?.1.place(), echo, BYTES)?;
     println!("  {}", outcome_line("sleep", echo, &meshed));
     ensure!(meshed.ok, "the meshed call failed: {meshed:?}");
+    report.echo_saw_tunnelled = meshed.server_saw.clone().unwrap_or_default();
+    println!(
+        "  echo saw sleep's own address and port ({}), not its proxy's: the source is preserved",
+        report.echo_saw_tunnelled
+    );
+    ensure!(
+        meshed.server_saw.is_some() && meshed.server_saw == meshed.local,
+        "echo must see sleep's own address and port through the tunnel: echo saw {:?}, sleep's socket was {:?}",
+        meshed.server_saw,
+        meshed.local
+    );
     let outbound = access_line(
         &cluster,
         0,
@@ -352,6 +367,19 @@ fn demo(options: Options) -> Result<Report> {
     );
     let denial = access_line(&cluster, 1, &["denied by policy", "sa/notsleep"])?;
     println!("  node-b proxy: {}", tail(&denial));
+    // Kubelet probes come from the node itself: they reach the app whatever the policy, as in
+    // Istio (from its probe address, which capture lets through).
+    let probe = cluster.nodes[1].probe(echo)?;
+    report.echo_saw_probe = probe.server_saw.clone().unwrap_or_default();
+    println!(
+        "  node-b's kubelet probe → echo {echo}: {} (echo saw {}, Istio's probe address; not subject to policy)",
+        if probe.ok { "ok" } else { "failed" },
+        report.echo_saw_probe
+    );
+    ensure!(
+        probe.ok && report.echo_saw_probe.starts_with("169.254.7.127:"),
+        "node-b's kubelet probe must reach echo from 169.254.7.127: {probe:?}"
+    );
 
     say.step("metrics that moved (Prometheus, Istio's names)")?;
     for (n, node) in cluster.nodes.iter().enumerate() {

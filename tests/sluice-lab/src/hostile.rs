@@ -174,28 +174,7 @@ pub fn spoof(
 }
 
 fn spoofed_connect(from: SocketAddr, to: SocketAddr) -> std::io::Result<()> {
-    let socket = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
-    let (level, name) = if from.is_ipv4() {
-        (libc::SOL_IP, libc::IP_TRANSPARENT)
-    } else {
-        (libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
-    };
-    let one: libc::c_int = 1;
-    // SAFETY: a valid fd and a c_int option value of the size given.
-    let ret = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            name,
-            std::ptr::from_ref(&one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if ret != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    socket.set_reuse_address(true)?;
-    socket.bind(&SockAddr::from(from))?;
+    let socket = transparent_socket(from, to)?;
     socket.set_nonblocking(true)?;
     match socket.connect(&SockAddr::from(to)) {
         Ok(()) => {}
@@ -276,4 +255,85 @@ impl Running {
         serde_json::from_str(line.trim())
             .with_context(|| format!("{} printed {line:?}", self.guard.name))
     }
+}
+
+/// How long a forged connection may take to complete before it counts as failed: a blind
+/// spoofer never sees the SYN-ACK, so this is how long the attacker waits in vain.
+const FORGE_WAIT: Duration = Duration::from_secs(2);
+
+/// Hostile, run by `sluice-lab app forge`: one connection to `to` from a source address the
+/// pod does not own (`IP_TRANSPARENT`, e.g. the node's probe address or the node's own), trying
+/// to complete the handshake and read the app's greeting; prints one JSON [`Outcome`].
+pub fn forge(from: IpAddr, to: SocketAddr) -> crate::app::Outcome {
+    let attempt = || -> Result<crate::app::Outcome> {
+        let socket = transparent_socket(SocketAddr::new(from, 0), to)?;
+        socket.connect_timeout(&SockAddr::from(to), FORGE_WAIT)?;
+        let stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(FORGE_WAIT))?;
+        let mut greeting = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut greeting)
+            .context("read the app's greeting")?;
+        Ok(crate::app::Outcome {
+            ok: greeting.starts_with("peer="),
+            error: None,
+            peer: stream.peer_addr().ok().map(|a| a.to_string()),
+            local: stream.local_addr().ok().map(|a| a.to_string()),
+            server_saw: greeting.trim().strip_prefix("peer=").map(str::to_owned),
+            echoed: 0,
+        })
+    };
+    attempt().unwrap_or_else(|e| crate::app::Outcome {
+        ok: false,
+        error: Some(format!("{e:#}")),
+        ..Default::default()
+    })
+}
+
+/// Runs [`forge`] inside `place` (a hostile pod).
+pub fn run_forged_client(
+    place: &Placement,
+    from: IpAddr,
+    to: SocketAddr,
+) -> Result<crate::app::Outcome> {
+    let out = command_in(&binary()?, place)?
+        .args([
+            "app",
+            "forge",
+            "--from",
+            &from.to_string(),
+            "--to",
+            &to.to_string(),
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run the forging client")?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.trim()).with_context(|| format!("forging client printed {line:?}"))
+}
+
+fn transparent_socket(from: SocketAddr, to: SocketAddr) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
+    let (level, name) = if from.is_ipv4() {
+        (libc::SOL_IP, libc::IP_TRANSPARENT)
+    } else {
+        (libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
+    };
+    let one: libc::c_int = 1;
+    // SAFETY: a valid fd and a c_int option value of the size given.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(&one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&SockAddr::from(from))?;
+    Ok(socket)
 }

@@ -47,6 +47,16 @@ enum App {
         #[arg(long = "listen", required = true)]
         listen: Vec<SocketAddr>,
     },
+    /// HTTP server: answers every request 200 with the client address it saw.
+    HttpServe {
+        #[arg(long = "listen", required = true)]
+        listen: Vec<SocketAddr>,
+    },
+    /// One HTTP GET as kubelet's probe sends it; prints a JSON outcome.
+    HttpGet {
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// One client connection; prints a JSON outcome.
     Connect {
         #[arg(long)]
@@ -102,6 +112,14 @@ enum App {
         #[arg(long, default_value_t = 100_000)]
         max: u64,
     },
+    /// Hostile: one connection from a source the pod does not own (`IP_TRANSPARENT`), trying
+    /// to read the app's greeting; prints a JSON outcome.
+    Forge {
+        #[arg(long)]
+        from: std::net::IpAddr,
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// Hostile: connects from another pod's address (`IP_TRANSPARENT`) on each port of a range,
     /// in a loop, to `to`; prints a JSON count of attempts.
     Spoof {
@@ -132,6 +150,18 @@ fn main() -> Result<()> {
             None => sluice_lab::bench::run_matrix(&matrix),
         },
         Cmd::App(App::Serve { listen }) => sluice_lab::app::serve(&listen),
+        Cmd::App(App::Forge { from, to }) => {
+            println!(
+                "{}",
+                serde_json::to_string(&sluice_lab::hostile::forge(from, to))?
+            );
+            Ok(())
+        }
+        Cmd::App(App::HttpServe { listen }) => sluice_lab::app::http_serve(&listen),
+        Cmd::App(App::HttpGet { to }) => {
+            println!("{}", serde_json::to_string(&sluice_lab::app::http_get(to))?);
+            Ok(())
+        }
         Cmd::App(App::Connect { to, bytes }) => {
             println!(
                 "{}",

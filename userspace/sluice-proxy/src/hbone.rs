@@ -8,6 +8,8 @@
 //!   tunnel arrived on (in a pod's netns, the pod's own), on a port that is not the proxy's
 //!   ([`check_target`]); the app is dialled first, and 200 is answered only once that worked
 //!   (400 for a malformed or refused target, 503 when the app refuses).
+//! - [`client_address`] is whom the app is dialled as: the tunnel's source address, with the
+//!   port the `forwarded` header names only when the header names that same address.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{debug, info};
 
 use crate::identity::Identity;
+use crate::socket::AppStream;
 
 /// Flow-control windows and stream limit of DESIGN §6.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -215,12 +218,14 @@ pub trait Inbound: Send + Sync + 'static {
     );
     /// The identity of the workload behind this server, for the access log.
     fn local_identity(&self) -> Option<String>;
-    /// Connects to the app at `target` on behalf of `peer`.
+    /// Connects to the app at `target` on behalf of `peer`, whose client is at `client` (see
+    /// [`client_address`]; port 0 when the client's port is not known).
     fn connect(
         &self,
         target: SocketAddr,
         peer: &Identity,
-    ) -> Pin<Box<dyn Future<Output = io::Result<tokio::net::TcpStream>> + Send + '_>>;
+        client: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<AppStream>> + Send + '_>>;
 }
 
 /// Server-side counters, by outcome. Every refused stream lands in exactly one.
@@ -408,8 +413,9 @@ async fn serve_stream<I: Inbound>(
         info!(target: "access", peer = %peer, src = %source, dst = %target, policy, "connection denied by policy (401)");
         return refuse(&mut respond, StatusCode::UNAUTHORIZED);
     }
-    let mut upstream = match inbound.connect(target, &peer).await {
-        Ok(upstream) => upstream,
+    let client = client_address(request.headers(), source);
+    let mut app = match inbound.connect(target, &peer, client).await {
+        Ok(app) => app,
         Err(e) => {
             stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
             info!(peer = %peer, %target, error = %e, "app refused the tunnelled connection (503)");
@@ -440,9 +446,9 @@ async fn serve_stream<I: Inbound>(
         started: std::time::Instant::now(),
     };
     let mut tunnel = H2Stream::new(send, request.into_body());
-    let _ = upstream.set_nodelay(true);
+    let _ = app.stream.set_nodelay(true);
     let copied = tokio::select! {
-        copied = copy(&mut tunnel, &mut upstream) => copied,
+        copied = copy(&mut tunnel, &mut app.stream) => copied,
         policy = revoked(&*inbound, target, &peer, source) => {
             stats.denied.fetch_add(1, Ordering::Relaxed);
             inbound.tunnel_closed(target, &peer, source, 0, 0);
@@ -544,6 +550,153 @@ pub fn check_target(
     Ok(target)
 }
 
+/// The longest `forwarded` header value read; a client's proxy sends one short element.
+const MAX_FORWARDED: usize = 256;
+
+/// Whom to dial the app as for a tunnel from `tunnel_source`: the client the `forwarded`
+/// header names (its first element's `for=`), but only if its address is the tunnel's source
+/// address, so a peer can only ever name a port of its own address; else the tunnel's source
+/// with port 0 (unknown). The check holds for sluice's tunnels and for Istio's ztunnel in-pod
+/// mode: both leave from the client pod's own address.
+pub fn client_address(headers: &http::HeaderMap, tunnel_source: IpAddr) -> SocketAddr {
+    let tunnel_source = crate::socket::canonical(SocketAddr::new(tunnel_source, 0)).ip();
+    let named = headers
+        .get_all("forwarded")
+        .iter()
+        .next()
+        .and_then(|v| v.to_str().ok())
+        .and_then(forwarded_for);
+    match named {
+        Some((ip, port))
+            if crate::socket::canonical(SocketAddr::new(ip, 0)).ip() == tunnel_source =>
+        {
+            SocketAddr::new(tunnel_source, port.unwrap_or(0))
+        }
+        _ => SocketAddr::new(tunnel_source, 0),
+    }
+}
+
+/// A `Forwarded` node: an address and, if one is named, a port.
+pub type ForwardedNode = (IpAddr, Option<u16>);
+
+/// The node of the first element's `for=` parameter of a `Forwarded` header value (RFC 7239):
+/// an address and, if given, a port (`None` for an obfuscated or zero port). `None` for anything
+/// else: no `for=`, `unknown`, an obfuscated node (`_hidden`), an IPv6 address without
+/// brackets, a port that is not 1-65535, a repeated `for=`, or malformed syntax.
+pub fn forwarded_for(value: &str) -> Option<ForwardedNode> {
+    if value.len() > MAX_FORWARDED {
+        return None;
+    }
+    let mut rest = value;
+    let mut found = None;
+    let mut pairs = 0;
+    // The pairs of the first element, up to its `,`. Empty pairs and empty leading elements
+    // are allowed (RFC 7239 §4, RFC 7230 §7). Every turn consumes input: bounded by its length.
+    loop {
+        rest = rest.trim_start_matches([' ', '\t']);
+        match rest.as_bytes().first() {
+            None => break,
+            Some(b';') => {
+                rest = &rest[1..];
+                continue;
+            }
+            Some(b',') if pairs == 0 => {
+                rest = &rest[1..];
+                continue;
+            }
+            Some(b',') => break,
+            Some(_) => {}
+        }
+        let (name, after) = rest.split_once('=')?;
+        let name = name.trim_end_matches([' ', '\t']);
+        if name.is_empty() || !name.bytes().all(is_tchar) {
+            return None;
+        }
+        let (node, after) = pair_value(after)?;
+        if name.eq_ignore_ascii_case("for") {
+            if found.is_some() {
+                // RFC 7239 §4: a parameter occurs at most once per element.
+                return None;
+            }
+            found = Some(node);
+        }
+        pairs += 1;
+        let after = after.trim_start_matches([' ', '\t']);
+        match after.as_bytes().first() {
+            None | Some(b',' | b';') => rest = after,
+            Some(_) => return None,
+        }
+    }
+    forwarded_node(&found?)
+}
+
+/// A pair's value, quoted or not, and what follows it.
+fn pair_value(s: &str) -> Option<(String, &str)> {
+    let Some(quoted) = s.strip_prefix('"') else {
+        let end = s.find([';', ',', ' ', '\t']).unwrap_or(s.len());
+        let (token, rest) = s.split_at(end);
+        return (!token.is_empty() && !token.contains('"')).then(|| (token.to_owned(), rest));
+    };
+    let mut out = String::new();
+    let mut chars = quoted.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Some((out, &quoted[i + 1..])),
+            '\\' => out.push(chars.next()?.1),
+            c => out.push(c),
+        }
+    }
+    // No closing quote.
+    None
+}
+
+/// `ip`, `ip:port`, `[v6]` or `[v6]:port`.
+fn forwarded_node(node: &str) -> Option<ForwardedNode> {
+    let (ip, port) = match node.strip_prefix('[') {
+        Some(v6) => {
+            let (ip, rest) = v6.split_once(']')?;
+            let ip: std::net::Ipv6Addr = ip.parse().ok()?;
+            let port = match rest {
+                "" => None,
+                _ => Some(rest.strip_prefix(':')?),
+            };
+            (IpAddr::V6(ip), port)
+        }
+        None => {
+            let (ip, port) = match node.split_once(':') {
+                Some((ip, port)) => (ip, Some(port)),
+                None => (node, None),
+            };
+            // An IPv6 address must be in brackets; one without would have been split here.
+            let ip: std::net::Ipv4Addr = ip.parse().ok()?;
+            (IpAddr::V4(ip), port)
+        }
+    };
+    let port = match port {
+        None => None,
+        // An obfuscated port (RFC 7239 §6.3) says nothing usable.
+        Some(p) if p.starts_with('_') && p.len() > 1 && p[1..].bytes().all(is_obf) => None,
+        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
+            match p.parse::<u16>().ok()? {
+                0 => None,
+                port => Some(port),
+            }
+        }
+        Some(_) => return None,
+    };
+    Some((ip, port))
+}
+
+/// RFC 7230 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// RFC 7239 `obfnode` / `obfport` characters after the `_`.
+fn is_obf(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-'
+}
+
 /// The target of a well-formed HBONE request: `CONNECT` with an `ip:port` authority.
 fn connect_target(request: &Request<RecvStream>) -> Result<SocketAddr, &'static str> {
     if request.method() != Method::CONNECT {
@@ -639,6 +792,175 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("test address")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test address")
+    }
+
+    #[test]
+    fn forwarded_for_reads_the_first_elements_node() {
+        let v4 = ip("10.1.0.7");
+        let v6 = ip("fd00::7");
+        let cases: &[(&str, Option<ForwardedNode>)] = &[
+            // What sluice's client sends, and the forms RFC 7239 allows.
+            (r#"for="10.1.0.7:43210""#, Some((v4, Some(43210)))),
+            (r#"for="[fd00::7]:43210""#, Some((v6, Some(43210)))),
+            ("for=10.1.0.7", Some((v4, None))),
+            (r#"for="10.1.0.7""#, Some((v4, None))),
+            (r#"for="[fd00::7]""#, Some((v6, None))),
+            ("for=10.1.0.7:80", Some((v4, Some(80)))),
+            ("for=[fd00::7]:80", Some((v6, Some(80)))),
+            ("FOR=10.1.0.7", Some((v4, None))),
+            ("For=\"10.1.0.7:1\"", Some((v4, Some(1)))),
+            ("for=10.1.0.7:65535", Some((v4, Some(65535)))),
+            ("  for = 10.1.0.7 ", None),
+            (" for=10.1.0.7 ", Some((v4, None))),
+            ("by=10.9.9.9;for=10.1.0.7;proto=http", Some((v4, None))),
+            (
+                "proto=http; for=\"10.1.0.7:5\" ;host=x",
+                Some((v4, Some(5))),
+            ),
+            // Several elements (proxies in a chain): the first.
+            ("for=10.1.0.7, for=10.2.0.8", Some((v4, None))),
+            ("for=10.1.0.7:9,for=\"[fd00::8]\"", Some((v4, Some(9)))),
+            (
+                r#"for="[::ffff:10.1.0.7]:9""#,
+                Some((ip("::ffff:10.1.0.7"), Some(9))),
+            ),
+            (r#"for="10.1.0.7\:9""#, Some((v4, Some(9)))),
+            // Port 0 and obfuscated ports name no port.
+            ("for=10.1.0.7:0", Some((v4, None))),
+            (r#"for="10.1.0.7:_abc""#, Some((v4, None))),
+            (r#"for="[fd00::7]:_x-1""#, Some((v6, None))),
+            // Nothing usable.
+            ("", None),
+            ("for=", None),
+            (r#"for="""#, None),
+            ("by=10.1.0.7", None),
+            ("proto=http", None),
+            ("for=unknown", None),
+            (r#"for="unknown""#, None),
+            (r#"for="unknown:80""#, None),
+            ("for=_hidden", None),
+            (r#"for="_hidden:80""#, None),
+            ("for=fd00::7", None),
+            (r#"for="fd00::7""#, None),
+            (r#"for="fd00::7:80""#, None),
+            (r#"for="[fd00::7""#, None),
+            (r#"for="[fd00::7]80""#, None),
+            (r#"for="[fd00::7]:""#, None),
+            (r#"for="[fe80::1%eth0]:80""#, None),
+            (r#"for="[10.1.0.7]:80""#, None),
+            ("for=10.1.0.7:99999", None),
+            ("for=10.1.0.7:65536", None),
+            ("for=10.1.0.7:-1", None),
+            ("for=10.1.0.7:+80", None),
+            ("for=10.1.0.7:080000", None),
+            ("for=10.1.0.7:", None),
+            ("for=10.1.0.7:_", None),
+            ("for=10.1.0.7:80:81", None),
+            ("for=010.1.0.7", None),
+            ("for=10.1.0", None),
+            ("for=10.1.0.7.8", None),
+            ("for=10.1.0.256", None),
+            ("for=host.example", None),
+            (" for=\u{ff10}.1.0.7", None),
+            // Quotes that do not close, or close early, or hide another address.
+            (r#"for="10.1.0.7"#, None),
+            (r#"for="10.1.0.7"x"#, None),
+            (r#"for="10.1.0.7"":80"#, None),
+            (r#"for="\"10.1.0.7\"""#, None),
+            (r#"for=10.1.0.7";for=10.2.0.8"#, None),
+            (r#"for=10"."1.0.7"#, None),
+            (r#"for="10.1.0.7;for=10.2.0.8""#, None),
+            (r#"for="10.1.0.7,10.2.0.8""#, None),
+            (r#"for="10.1.0.7\""#, None),
+            // A parameter repeated in the first element is ambiguous.
+            ("for=10.1.0.7;for=10.2.0.8", None),
+            ("for=10.1.0.7;FOR=10.1.0.7", None),
+            // Broken syntax.
+            ("for", None),
+            ("=10.1.0.7", None),
+            ("f r=10.1.0.7", None),
+            ("for=10.1.0.7 junk", None),
+            ("for==10.1.0.7", None),
+            ("proto=http,for=10.1.0.7", None),
+            ("proto=http;;x=y, for=10.1.0.7", None),
+            // Empty pairs and empty leading elements are allowed.
+            ("for=10.1.0.7;", Some((v4, None))),
+            (";for=10.1.0.7", Some((v4, None))),
+            (",for=10.1.0.7", Some((v4, None))),
+            (" , ;, for=10.1.0.7:3", Some((v4, Some(3)))),
+            (",,;;", None),
+        ];
+        for (value, want) in cases {
+            assert_eq!(forwarded_for(value), *want, "forwarded: {value:?}");
+        }
+        // Overlong values are not read, whatever they hold.
+        let long = format!("for=10.1.0.7;x={}", "a".repeat(MAX_FORWARDED));
+        assert_eq!(forwarded_for(&long), None);
+        let long = format!("for=\"10.1.0.7:9\",{}", "for=10.2.0.8,".repeat(100));
+        assert_eq!(forwarded_for(&long), None);
+        // Arbitrary bytes never panic.
+        for n in 0..2048u32 {
+            let bytes: Vec<u8> = (0..(n % 40))
+                .map(|i| b"for=\"[]:;,\\_ 1.0f:"[((n * 7 + i * 13) % 18) as usize])
+                .collect();
+            let _ = forwarded_for(&String::from_utf8_lossy(&bytes));
+        }
+    }
+
+    #[test]
+    fn the_client_is_the_tunnel_source_with_the_port_forwarded_names_for_it() {
+        let headers = |values: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for v in values {
+                h.append("forwarded", http::HeaderValue::from_str(v).unwrap());
+            }
+            h
+        };
+        let source = ip("10.1.0.7");
+        let source6 = ip("fd00::7");
+        let cases: &[(&[&str], IpAddr, &str)] = &[
+            (&[r#"for="10.1.0.7:43210""#], source, "10.1.0.7:43210"),
+            (&[r#"for="[fd00::7]:43210""#], source6, "[fd00::7]:43210"),
+            // The mapped form of the same address.
+            (&[r#"for="[::ffff:10.1.0.7]:9""#], source, "10.1.0.7:9"),
+            (
+                &[r#"for="10.1.0.7:9""#],
+                ip("::ffff:10.1.0.7"),
+                "10.1.0.7:9",
+            ),
+            // No port named: the address alone.
+            (&["for=10.1.0.7"], source, "10.1.0.7:0"),
+            // Another address than the tunnel's: never believed, not even its port.
+            (&[r#"for="10.1.0.8:43210""#], source, "10.1.0.7:0"),
+            (&[r#"for="[fd00::8]:43210""#], source6, "[fd00::7]:0"),
+            (&[r#"for="10.1.0.7:9""#], source6, "[fd00::7]:0"),
+            // None, garbage, or an unknown client.
+            (&[], source, "10.1.0.7:0"),
+            (&["for=unknown"], source, "10.1.0.7:0"),
+            (&["for=_hidden"], source, "10.1.0.7:0"),
+            (&[r#"for="10.1.0.7:99999""#], source, "10.1.0.7:0"),
+            // Several header lines: the first is the first element.
+            (&["for=10.1.0.7:5", "for=10.1.0.7:6"], source, "10.1.0.7:5"),
+            (&["for=10.9.9.9:5", "for=10.1.0.7:6"], source, "10.1.0.7:0"),
+        ];
+        for (values, tunnel, want) in cases {
+            assert_eq!(
+                client_address(&headers(values), *tunnel),
+                addr(want),
+                "{values:?} through a tunnel from {tunnel}"
+            );
+        }
+        // A value that is not visible ASCII is not read.
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "forwarded",
+            http::HeaderValue::from_bytes(b"for=10.1.0.7:5\xff").unwrap(),
+        );
+        assert_eq!(client_address(&h, source), addr("10.1.0.7:0"));
     }
 
     #[test]

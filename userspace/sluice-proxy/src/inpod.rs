@@ -9,7 +9,10 @@
 //! - dropping a `PodProxy` closes its listeners (the kernel removes the 15006 socket from the
 //!   eBPF socket map, so new inbound connections are refused) and ends its connections;
 //! - with the mesh on, a pod that is an HBONE workload presents its own identity, on its own
-//!   15008 listener and in its own connection pool: pods never share certificates or tunnels.
+//!   15008 listener and in its own connection pool: pods never share certificates or tunnels;
+//! - inbound, the app sees the client's address unless `--preserve-source=false` (see
+//!   `socket::connect_app_in`); such dials are marked so iptables lets them through, registered
+//!   so sk_lookup lets them through, and refused if they come back to 15006 all the same.
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -17,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use sluice_capture::inbound_map::InboundSocketMap;
+use sluice_capture::inbound_map::{InboundSocketMap, ProxyDials};
 use sluice_capture::netns::Netns;
 use sluice_capture::{PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND, PodUid};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,7 +37,7 @@ use crate::metrics::{Labels, UNKNOWN};
 use crate::policy::{Connection, MtlsMode, Target, Verdict};
 use crate::pool::{BoxFuture, Pool, PoolError, PoolKey, TcpConnect, TlsDialer};
 use crate::route::{Balancer, Hop};
-use crate::socket::{self, canonical};
+use crate::socket::{self, AppDials, AppSource, AppStream, ClientSource, PortChoice, canonical};
 use crate::stats::Stats;
 use crate::tls::CertStore;
 
@@ -114,6 +117,47 @@ fn policy_target<'a>(
     }
 }
 
+/// What every pod of a proxy is served with.
+#[derive(Clone)]
+pub struct Carry {
+    /// How bytes are moved between a connection's two sockets.
+    pub copy: CopyMode,
+    /// Whether apps see the client's address rather than the pod's (`--preserve-source`).
+    pub preserve_source: bool,
+    /// The pinned `SLUICE_PROXY_DIALS` under eBPF capture; `None` under iptables.
+    pub proxy_dials: Option<Arc<ProxyDials>>,
+}
+
+/// How a pod's apps are dialled: from inside the pod's netns, from the client's address when
+/// the proxy preserves it.
+struct AppDialer {
+    netns: Arc<Netns>,
+    dials: Arc<AppDials>,
+    preserve_source: bool,
+    stats: Arc<Stats>,
+}
+
+impl AppDialer {
+    /// Connects to the app at `dst` for the client at `client`; a client address that could
+    /// not be carried is counted (`source_not_preserved`) and the app is dialled from the pod's.
+    async fn dial(
+        &self,
+        dst: SocketAddr,
+        client: Option<SocketAddr>,
+        port: PortChoice,
+    ) -> std::io::Result<AppStream> {
+        let source = client
+            .filter(|_| self.preserve_source)
+            .map(|addr| ClientSource { addr, port });
+        let app = socket::connect_app_in(&self.netns, dst, source, &self.dials).await?;
+        if let AppSource::NotPreserved(why) = &app.source {
+            Stats::incr(&self.stats.source_not_preserved);
+            debug!(client = ?client, app = %dst, why, "the app sees the pod's address, not the client's");
+        }
+        Ok(app)
+    }
+}
+
 /// A pod's own part of the mesh: its identity and its tunnels.
 struct PodMesh {
     identity: Identity,
@@ -136,7 +180,7 @@ struct PodInbound {
     /// The identity the pod's 15008 certificate names.
     identity: Identity,
     handed: Option<HandedOver>,
-    netns: Arc<Netns>,
+    app: Arc<AppDialer>,
     mesh: Arc<MeshWatch>,
     stats: Arc<Stats>,
 }
@@ -214,8 +258,10 @@ impl hbone::Inbound for PodInbound {
         &self,
         target: SocketAddr,
         _peer: &Identity,
-    ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send + '_>> {
-        Box::pin(socket::connect_in(&self.netns, target))
+        client: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<AppStream>> + Send + '_>> {
+        // The client's connection ended on its own node: its port is free here.
+        Box::pin(self.app.dial(target, Some(client), PortChoice::ClientFirst))
     }
 }
 
@@ -241,6 +287,8 @@ struct PodContext {
     /// does not list it.
     handed: Option<HandedOver>,
     netns: Arc<Netns>,
+    /// Inbound connections' dials to the app.
+    app: Arc<AppDialer>,
     copy: CopyMode,
     stats: Arc<Stats>,
     mesh: Option<Arc<MeshContext>>,
@@ -286,13 +334,19 @@ impl PodProxy {
         netns: Netns,
         handed: Option<HandedOver>,
         sockets: Option<&mut InboundSocketMap>,
-        copy: CopyMode,
+        carry: &Carry,
         stats: Arc<Stats>,
         mesh: Option<Arc<MeshContext>>,
     ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let netns_inode = netns.inode().context("stat the pod's netns")?;
         let netns = Arc::new(netns);
+        let app = Arc::new(AppDialer {
+            netns: netns.clone(),
+            dials: AppDials::new(carry.proxy_dials.clone(), netns_inode),
+            preserve_source: carry.preserve_source,
+            stats: stats.clone(),
+        });
         let where_ = || format!("pod {uid} (netns {})", netns.path().display());
         let outbound4 = socket::listen_in(&netns, socket::outbound_v4(), false)
             .with_context(|| format!("listen on 0.0.0.0:{PORT_OUTBOUND} in {}", where_()))?;
@@ -333,7 +387,7 @@ impl PodProxy {
                             uid: uid.clone(),
                             identity: identity.clone(),
                             handed: handed.clone(),
-                            netns: netns.clone(),
+                            app: app.clone(),
                             mesh: shared.mesh.clone(),
                             stats: stats.clone(),
                         });
@@ -372,7 +426,8 @@ impl PodProxy {
             uid: uid.clone(),
             handed,
             netns,
-            copy,
+            app,
+            copy: carry.copy,
             stats,
             mesh,
             pod_mesh,
@@ -547,6 +602,18 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
         warn!(dst = %dst, "destination is a proxy port; refusing to loop");
         return;
     }
+    let source = client.peer_addr().map(canonical).ok();
+    if direction == Direction::Inbound
+        && let Some(src) = source
+        && ctx.app.dials.is_own(src, dst)
+    {
+        // Capture took the proxy's own dial to the app (carrying a client's address) for
+        // inbound traffic: serving it would dial again, and again.
+        Stats::incr(&stats.loop_refused);
+        warn!(src = %src, dst = %dst, "the proxy's own dial to the app was steered back to it; refusing to loop (is SLUICE_PROXY_DIALS in use by steer_inbound?)");
+        reset(client);
+        return;
+    }
     let _ = client.set_nodelay(true);
     if direction == Direction::Outbound
         && let Some(shared) = &ctx.mesh
@@ -554,7 +621,6 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
         return serve_outbound_mesh(client, dst, ctx, shared, started).await;
     }
     // Plaintext inbound to a mesh workload: PeerAuthentication, then authorization.
-    let source = client.peer_addr().map(canonical).ok();
     let policy = match (&ctx.mesh, direction, source) {
         (Some(shared), Direction::Inbound, Some(src)) => Some((shared, src)),
         _ => None,
@@ -567,7 +633,15 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
         reset(client);
         return;
     }
-    let mut upstream = match socket::connect_in(&ctx.netns, dst).await {
+    let connected = match direction {
+        // The client's tuple is held in this netns already (by the proxy's accepted socket or
+        // by conntrack): any port but the client's.
+        Direction::Inbound => ctx.app.dial(dst, source, PortChoice::NotClients).await,
+        Direction::Outbound => socket::connect_in(&ctx.netns, dst)
+            .await
+            .map(AppStream::from),
+    };
+    let mut upstream = match connected {
         Ok(upstream) => upstream,
         Err(e) => {
             Stats::incr(&stats.upstream_connect_failed);
@@ -579,7 +653,7 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
     stats.tcp.opened(&labels);
     let result = match policy {
         Some((shared, src)) => tokio::select! {
-            result = copy::bidirectional(ctx.copy, &mut client, &mut upstream) => result,
+            result = copy::bidirectional(ctx.copy, &mut client, &mut upstream.stream) => result,
             policy = plaintext_revoked(&shared.mesh, ctx, src, dst) => {
                 Stats::incr(&stats.denied);
                 stats.tcp.closed(&labels, 0, 0);
@@ -588,7 +662,7 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
                 return;
             }
         },
-        None => copy::bidirectional(ctx.copy, &mut client, &mut upstream).await,
+        None => copy::bidirectional(ctx.copy, &mut client, &mut upstream.stream).await,
     };
     stats.count_copy(&result);
     let (to_server, to_client) = result.as_ref().map_or((0, 0), |c| *c);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use sluice_capture::inbound_map::InboundSocketMap;
+use sluice_capture::inbound_map::{InboundSocketMap, ProxyDials};
 use sluice_capture::netns::Netns;
 use sluice_capture::{DEFAULT_PIN_ROOT, PodUid};
 use tracing::{info, warn};
@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use sluice_proxy::admin::{self, Endpoints, Port, Readiness};
 use sluice_proxy::copy::CopyMode;
 use sluice_proxy::hbone::ServerStats;
-use sluice_proxy::inpod::{HandedOver, MeshContext, PodProxy};
+use sluice_proxy::inpod::{Carry, HandedOver, MeshContext, PodProxy};
 use sluice_proxy::mesh::MeshWatch;
 use sluice_proxy::route::Balancer;
 use sluice_proxy::stats::Stats;
@@ -49,6 +49,14 @@ struct Args {
     /// How bytes are moved between the two sockets of a connection.
     #[arg(long, value_enum, default_value_t = CopyMode::Splice, env = "SLUICE_COPY")]
     copy: CopyMode,
+
+    /// Whether apps see the client's address on inbound connections (plaintext on 15006 and
+    /// HBONE on 15008), as without a mesh; `false`: they see the pod's own address. Needs
+    /// CAP_NET_ADMIN and the capture's reply routing (the agent sets it up); where either is
+    /// missing, connections go from the pod's address and are counted as
+    /// `source_not_preserved`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "SLUICE_PRESERVE_SOURCE")]
+    preserve_source: bool,
 
     /// The mesh file (workloads, services, policies; see `mesh.rs`). With it, connections
     /// between meshed workloads go through HBONE with mutual TLS; without it, everything is
@@ -152,7 +160,7 @@ fn main() -> Result<()> {
         println!("created a mesh CA in {}", dir.display());
         return Ok(());
     }
-    info!(pods = args.pods.len(), cgroup = ?args.cgroup, pin_root = %args.pin_root.display(), copy = ?args.copy, "effective configuration");
+    info!(pods = args.pods.len(), cgroup = ?args.cgroup, pin_root = %args.pin_root.display(), copy = ?args.copy, preserve_source = args.preserve_source, "effective configuration");
     if args.check_config {
         return Ok(());
     }
@@ -223,6 +231,7 @@ async fn run(args: Args, set_log_level: admin::SetLogLevel) -> Result<()> {
         bound[0], bound[1], bound[2]
     );
     let mut sockets = InboundSocketMap::open(&args.pin_root)?;
+    let carry = carry(&args, sockets.is_some());
     let mut pods: HashMap<PodUid, PodProxy> = HashMap::new();
     for (uid, netns_path) in &args.pods {
         let netns = Netns::open(netns_path)
@@ -232,7 +241,7 @@ async fn run(args: Args, set_log_level: admin::SetLogLevel) -> Result<()> {
             netns,
             None,
             sockets.as_mut(),
-            args.copy,
+            &carry,
             stats.clone(),
             mesh.clone(),
         )?;
@@ -266,7 +275,7 @@ async fn run(args: Args, set_log_level: admin::SetLogLevel) -> Result<()> {
         tokio::select! {
             () = &mut shutdown => break,
             Some(command) = requests.recv() => {
-                let ctx = (&mut sockets, args.copy, &stats, &mesh, &*readiness);
+                let ctx = (&mut sockets, &carry, &stats, &mesh, &*readiness);
                 handle(command, &mut pods, ctx);
                 set_served(&served, &pods);
             }
@@ -302,11 +311,38 @@ async fn run(args: Args, set_log_level: admin::SetLogLevel) -> Result<()> {
 
 type PodEnv<'a> = (
     &'a mut Option<InboundSocketMap>,
-    CopyMode,
+    &'a Carry,
     &'a Arc<Stats>,
     &'a Option<Arc<MeshContext>>,
     &'a Readiness,
 );
+
+/// How the pods are served. Under eBPF capture (`ebpf`: its inbound map is pinned) a dial
+/// carrying the client's address must be registered in `SLUICE_PROXY_DIALS`, or sk_lookup
+/// steers it back to the proxy: without that map (a capture from before source preservation,
+/// or one this build cannot read), apps see the pod's address.
+fn carry(args: &Args, ebpf: bool) -> Carry {
+    let mut carry = Carry {
+        copy: args.copy,
+        preserve_source: args.preserve_source,
+        proxy_dials: None,
+    };
+    if !(args.preserve_source && ebpf) {
+        return carry;
+    }
+    match ProxyDials::open(&args.pin_root) {
+        Ok(Some(dials)) => carry.proxy_dials = Some(Arc::new(dials)),
+        Ok(None) => {
+            warn!(pin_root = %args.pin_root.display(), "eBPF capture without SLUICE_PROXY_DIALS (an older capture): apps see the pod's address, not the client's; upgrade the agent to preserve it");
+            carry.preserve_source = false;
+        }
+        Err(e) => {
+            warn!(pin_root = %args.pin_root.display(), error = %e, "cannot use SLUICE_PROXY_DIALS: apps see the pod's address, not the client's; is the agent the same version as the proxy?");
+            carry.preserve_source = false;
+        }
+    }
+    carry
+}
 
 /// What the config dump lists as served.
 fn set_served(
@@ -321,7 +357,7 @@ fn set_served(
 
 /// Carries out one hand-off request; its result becomes the ack.
 fn handle(command: zds::Command, pods: &mut HashMap<PodUid, PodProxy>, env: PodEnv<'_>) {
-    let (sockets, copy, stats, mesh, readiness) = env;
+    let (sockets, carry, stats, mesh, readiness) = env;
     match command {
         zds::Command::Add {
             uid,
@@ -354,7 +390,7 @@ fn handle(command: zds::Command, pods: &mut HashMap<PodUid, PodProxy>, env: PodE
                 netns,
                 handed,
                 sockets.as_mut(),
-                copy,
+                carry,
                 stats.clone(),
                 mesh.clone(),
             )

@@ -1,13 +1,21 @@
 //! Sockets inside a pod: listeners and upstream connections are created in the pod's netns
 //! (through `sluice_capture::netns`, the one place that enters a netns) and used from here.
+//!
+//! Connections to a pod's app can carry the client's address as their source
+//! ([`connect_app_in`]): an `IP_TRANSPARENT` socket bound to the client's address, marked
+//! [`APP_DIAL_MARK`] so the app's replies are routed back to the proxy, and registered where
+//! capture would otherwise take its SYN for inbound traffic and steer it back to the proxy.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use sluice_capture::PROXY_MARK;
+use sluice_capture::inbound_map::ProxyDials;
 use sluice_capture::netns::Netns;
+use sluice_capture::{APP_DIAL_MARK, PROXY_MARK};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -37,6 +45,11 @@ pub async fn connect_in(netns: &Netns, dst: SocketAddr) -> io::Result<TcpStream>
     let socket = netns
         .run(|| Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)))??;
     socket.set_mark(PROXY_MARK)?;
+    connect_socket(socket, dst).await
+}
+
+/// Connects a socket made in a pod's netns, within [`CONNECT_TIMEOUT`].
+async fn connect_socket(socket: Socket, dst: SocketAddr) -> io::Result<TcpStream> {
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
     let socket = TcpSocket::from_std_stream(socket.into());
@@ -47,6 +60,368 @@ pub async fn connect_in(netns: &Netns, dst: SocketAddr) -> io::Result<TcpStream>
             format!("connect to {dst} timed out"),
         )),
     }
+}
+
+/// Which source port a connection to an app that carries the client's address binds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortChoice {
+    /// The client's own port first, any other if that is taken. For HBONE: the client's
+    /// connection ended on its own node, so nothing in this netns holds its tuple.
+    ClientFirst,
+    /// Any port but the client's. For plaintext inbound: the proxy's accepted socket (eBPF:
+    /// sk_lookup keeps the original 4-tuple) or the conntrack entry (iptables REDIRECT) already
+    /// holds client:port → app:port in this netns, so a dial with that tuple would be delivered
+    /// to that socket or NATed back into the proxy.
+    NotClients,
+}
+
+/// The client address a connection to an app should carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientSource {
+    pub addr: SocketAddr,
+    pub port: PortChoice,
+}
+
+/// Whose address an app saw on a connection the proxy made to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AppSource {
+    /// The client's: this address and port.
+    Client(SocketAddr),
+    /// The pod's own, as asked: no client address was given, or it cannot be carried
+    /// (unspecified, loopback or multicast, or not the app's address family).
+    Pod,
+    /// The pod's own, because carrying the client's failed: why.
+    NotPreserved(String),
+}
+
+/// A pod's dials to its apps that carry a client's address: where capture is told about them
+/// (the pinned `SLUICE_PROXY_DIALS` under eBPF capture) and the ones live now, which the
+/// proxy's own inbound listener refuses if capture steers one back to it anyway.
+pub struct AppDials {
+    bpf: Option<Arc<ProxyDials>>,
+    netns_ino: u64,
+    /// (client, app) → live dials with that tuple (one, unless a failed dial's guard has not
+    /// run yet when the same tuple is dialled again).
+    live: Mutex<HashMap<(SocketAddr, SocketAddr), u32>>,
+}
+
+impl AppDials {
+    /// The dials of the pod whose netns has inode `netns_ino`; `bpf` is the pinned
+    /// `SLUICE_PROXY_DIALS` under eBPF capture, `None` under iptables (or without capture).
+    pub fn new(bpf: Option<Arc<ProxyDials>>, netns_ino: u64) -> Arc<Self> {
+        Arc::new(Self {
+            bpf,
+            netns_ino,
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Whether a connection from `peer` to `local` accepted in this pod is one of the proxy's
+    /// own dials to an app, come back to the proxy.
+    pub fn is_own(&self, peer: SocketAddr, local: SocketAddr) -> bool {
+        let key = (canonical(peer), canonical(local));
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&key)
+    }
+
+    fn hold(self: &Arc<Self>, client: SocketAddr, app: SocketAddr) -> OwnDial {
+        let key = (canonical(client), canonical(app));
+        *self
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_insert(0) += 1;
+        OwnDial {
+            dials: self.clone(),
+            key,
+        }
+    }
+}
+
+/// One live dial in [`AppDials`], for as long as its connection lives: capture could steer its
+/// SYN back to the proxy, and the proxy accepts that connection only after `connect()` returned.
+struct OwnDial {
+    dials: Arc<AppDials>,
+    key: (SocketAddr, SocketAddr),
+}
+
+impl Drop for OwnDial {
+    fn drop(&mut self) {
+        let mut live = self
+            .dials
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = live.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                live.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// A connection to a pod's app.
+pub struct AppStream {
+    pub stream: TcpStream,
+    /// Whose address the app sees.
+    pub source: AppSource,
+    /// Keeps the dial known as the proxy's own while the connection lives.
+    _own: Option<OwnDial>,
+}
+
+impl From<TcpStream> for AppStream {
+    /// A connection from the pod's own address.
+    fn from(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            source: AppSource::Pod,
+            _own: None,
+        }
+    }
+}
+
+/// Connects to the app at `dst` from inside `netns`, from the client's address when `source`
+/// is given and can be carried, else as [`connect_in`] does. When carrying the client's address
+/// fails before the app answered (no `CAP_NET_ADMIN`, no free port, `SLUICE_PROXY_DIALS` full),
+/// the connection is made from the pod's address instead and says why
+/// ([`AppSource::NotPreserved`]). The app's own answer (refused, timed out) is the error.
+pub async fn connect_app_in(
+    netns: &Netns,
+    dst: SocketAddr,
+    source: Option<ClientSource>,
+    dials: &Arc<AppDials>,
+) -> io::Result<AppStream> {
+    let dst = canonical(dst);
+    let Some(source) = source.and_then(|s| carriable(s, dst)) else {
+        return connect_in(netns, dst).await.map(AppStream::from);
+    };
+    let why = match connect_from_client(netns, dst, source, dials).await? {
+        Ok(app) => return Ok(app),
+        Err(why) => why,
+    };
+    let stream = connect_in(netns, dst).await?;
+    Ok(AppStream {
+        stream,
+        source: AppSource::NotPreserved(why),
+        _own: None,
+    })
+}
+
+/// `source` in canonical form if a connection to `dst` can carry it: a unicast address that is
+/// not loopback nor unspecified, of `dst`'s family (an IPv4 client reaching an IPv6 app has no
+/// IPv6 address to carry), and not IPv6 link-local (binding one needs its interface, which
+/// names nothing in the pod's netns).
+fn carriable(source: ClientSource, dst: SocketAddr) -> Option<ClientSource> {
+    let addr = canonical(source.addr);
+    let special = match addr.ip() {
+        IpAddr::V4(ip) => {
+            ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast()
+        }
+        IpAddr::V6(ip) => {
+            ip.is_unspecified()
+                || ip.is_loopback()
+                || ip.is_multicast()
+                || ip.is_unicast_link_local()
+        }
+    };
+    (!special && addr.is_ipv4() == dst.is_ipv4()).then_some(ClientSource {
+        addr,
+        port: source.port,
+    })
+}
+
+/// How many times a kernel-picked port equal to the client's is thrown away before the dial
+/// goes from the pod's address instead (the ephemeral range is large: one repeat is rare).
+const MAX_PICKS: u8 = 4;
+/// Every attempt of one dial: the client's port, one retry after a port in use, the picks.
+const MAX_ATTEMPTS: usize = 2 + MAX_PICKS as usize;
+
+/// The source ports one dial tries, in order (see [`PortChoice`]).
+#[derive(Debug)]
+struct PortPlan {
+    /// 0 when the client's port is not known (it is then never avoided: a pick is never 0).
+    client_port: u16,
+    /// The port the next bind asks for; 0 lets the kernel pick.
+    next: u16,
+    retried: bool,
+    picks: u8,
+}
+
+/// What to do with a port the kernel picked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pick {
+    Keep,
+    /// The client's own: close the socket and bind another.
+    Again,
+    /// The client's own, too many times: dial from the pod's address.
+    GiveUp,
+}
+
+impl PortPlan {
+    fn new(client_port: u16, choice: PortChoice) -> Self {
+        let next = match choice {
+            PortChoice::ClientFirst => client_port,
+            PortChoice::NotClients => 0,
+        };
+        Self {
+            client_port,
+            next,
+            retried: false,
+            picks: 0,
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.next
+    }
+
+    /// The port was in use (bind: `EADDRINUSE`; connect: the tuple exists, `EADDRNOTAVAIL`):
+    /// whether to try once more, with a port the kernel picks.
+    fn in_use(&mut self) -> bool {
+        if self.retried {
+            return false;
+        }
+        self.retried = true;
+        self.next = 0;
+        true
+    }
+
+    /// The kernel picked `port` for a bind to port 0.
+    fn picked(&mut self, port: u16) -> Pick {
+        if self.client_port == 0 || port != self.client_port {
+            return Pick::Keep;
+        }
+        self.picks += 1;
+        if self.picks >= MAX_PICKS {
+            Pick::GiveUp
+        } else {
+            Pick::Again
+        }
+    }
+}
+
+/// `EADDRINUSE` from bind, `EADDRNOTAVAIL` (or `EADDRINUSE`) from connect: this source port
+/// cannot be used now, another may.
+fn port_in_use(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// One dial from the client's address. The outer error is the app's answer; the inner one
+/// says why the client's address could not be carried (the caller then dials as usual).
+async fn connect_from_client(
+    netns: &Netns,
+    dst: SocketAddr,
+    source: ClientSource,
+    dials: &Arc<AppDials>,
+) -> io::Result<Result<AppStream, String>> {
+    let mut plan = PortPlan::new(source.addr.port(), source.port);
+    for _ in 0..MAX_ATTEMPTS {
+        let port = plan.port();
+        let socket = match transparent_socket(netns, dst) {
+            Ok(socket) => socket,
+            Err(e) => {
+                return Ok(Err(format!(
+                    "set up a transparent socket (IP_TRANSPARENT and SO_MARK need CAP_NET_ADMIN): {e}"
+                )));
+            }
+        };
+        let want = SocketAddr::new(source.addr.ip(), port);
+        if let Err(e) = socket.bind(&want.into()) {
+            if port_in_use(&e) && plan.in_use() {
+                continue;
+            }
+            return Ok(Err(format!("bind {want}: {e}")));
+        }
+        let Some(bound) = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .map(canonical)
+        else {
+            return Ok(Err(format!("read the address bound for {want}")));
+        };
+        if port == 0 {
+            match plan.picked(bound.port()) {
+                Pick::Keep => {}
+                Pick::Again => continue,
+                Pick::GiveUp => {
+                    return Ok(Err(format!(
+                        "the kernel picked the client's own port {} {MAX_PICKS} times",
+                        bound.port()
+                    )));
+                }
+            }
+        }
+        let own = dials.hold(bound, dst);
+        let registered = match &dials.bpf {
+            Some(map) => match map.allow(dials.netns_ino, bound, dst) {
+                Ok(guard) => Some(guard),
+                Err(e) => {
+                    if !ProxyDials::is_full(&e) {
+                        tracing::warn!(client = %bound, app = %dst, error = %e, "could not register a dial in SLUICE_PROXY_DIALS; dialling from the pod's address");
+                    }
+                    return Ok(Err(format!("register the dial with capture: {e}")));
+                }
+            },
+            None => None,
+        };
+        let connected = connect_socket(socket, dst).await;
+        // The SYN has been answered (or never will be): capture needs the entry no more.
+        drop(registered);
+        match connected {
+            Ok(stream) => {
+                return Ok(Ok(AppStream {
+                    stream,
+                    source: AppSource::Client(bound),
+                    _own: Some(own),
+                }));
+            }
+            Err(e) if port_in_use(&e) => {
+                if plan.in_use() {
+                    continue;
+                }
+                return Ok(Err(format!("connect from {bound}: {e}")));
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                // Also what a pod without reply routing looks like: the app's answer left
+                // towards the client instead of coming back to the proxy.
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "connect to {dst} from the client's address {bound} timed out; if every \
+                         such connect of the pod does, its reply routing (mark bit 0x1000 \
+                         delivered locally) is missing: re-enroll it, or run with \
+                         --preserve-source=false"
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Err(format!(
+        "no usable source port after {MAX_ATTEMPTS} attempts"
+    )))
+}
+
+/// A socket in `netns` that may bind an address the netns does not have (`IP_TRANSPARENT`),
+/// marked so the app's replies come back to it.
+fn transparent_socket(netns: &Netns, dst: SocketAddr) -> io::Result<Socket> {
+    let socket = netns
+        .run(|| Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)))??;
+    socket.set_mark(APP_DIAL_MARK)?;
+    if dst.is_ipv4() {
+        socket.set_ip_transparent_v4(true)?;
+    } else {
+        socket.set_ip_transparent_v6(true)?;
+    }
+    Ok(socket)
 }
 
 /// Where a captured connection was going before capture rewrote it, as the kernel reports it
@@ -176,5 +551,142 @@ mod tests {
         assert_eq!(canonical(mapped), "10.0.0.1:80".parse().unwrap());
         let v6: SocketAddr = "[fd00::1]:80".parse().unwrap();
         assert_eq!(canonical(v6), v6);
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn hbone_tries_the_clients_port_first_then_any_but_it() {
+        let mut plan = PortPlan::new(40000, PortChoice::ClientFirst);
+        assert_eq!(plan.port(), 40000);
+        // Taken (at bind or connect): once more, with a port the kernel picks.
+        assert!(plan.in_use());
+        assert_eq!(plan.port(), 0);
+        // The kernel may pick the very port that was taken at connect: not that one.
+        assert_eq!(plan.picked(40000), Pick::Again);
+        assert_eq!(plan.picked(40001), Pick::Keep);
+        // Only one retry after a port in use.
+        assert!(!plan.in_use());
+    }
+
+    #[test]
+    fn plaintext_never_keeps_the_clients_port_and_gives_up_after_a_few_picks() {
+        let mut plan = PortPlan::new(40000, PortChoice::NotClients);
+        assert_eq!(plan.port(), 0);
+        assert_eq!(plan.picked(51000), Pick::Keep);
+        for _ in 1..MAX_PICKS {
+            assert_eq!(plan.picked(40000), Pick::Again);
+        }
+        assert_eq!(plan.picked(40000), Pick::GiveUp);
+        // Another port is still fine.
+        assert_eq!(plan.picked(40002), Pick::Keep);
+        assert!(plan.in_use());
+        assert_eq!(plan.port(), 0);
+        assert!(!plan.in_use());
+    }
+
+    #[test]
+    fn an_unknown_client_port_is_a_kernel_pick_with_nothing_to_avoid() {
+        for choice in [PortChoice::ClientFirst, PortChoice::NotClients] {
+            let mut plan = PortPlan::new(0, choice);
+            assert_eq!(plan.port(), 0);
+            for port in [1, 40000, 65535] {
+                assert_eq!(plan.picked(port), Pick::Keep);
+            }
+        }
+    }
+
+    #[test]
+    fn every_dial_is_bounded_in_attempts() {
+        // The longest way through a plan: the client's port taken, then the client's port
+        // picked until the plan gives up; it fits the loop's bound.
+        let mut plan = PortPlan::new(40000, PortChoice::ClientFirst);
+        let mut attempts = 1;
+        assert!(plan.in_use());
+        loop {
+            attempts += 1;
+            match plan.picked(40000) {
+                Pick::Again => continue,
+                Pick::GiveUp => break,
+                Pick::Keep => unreachable!(),
+            }
+        }
+        assert!(attempts <= MAX_ATTEMPTS, "{attempts} > {MAX_ATTEMPTS}");
+    }
+
+    #[test]
+    fn only_a_unicast_client_of_the_apps_family_is_carried() {
+        let source = |a: &str| ClientSource {
+            addr: addr(a),
+            port: PortChoice::NotClients,
+        };
+        let app4 = addr("10.1.0.5:8080");
+        let app6 = addr("[fd00::5]:8080");
+        let carried =
+            |client: &str, app: SocketAddr| carriable(source(client), app).map(|s| s.addr);
+        assert_eq!(
+            carried("10.2.0.7:40000", app4),
+            Some(addr("10.2.0.7:40000"))
+        );
+        assert_eq!(
+            carried("[::ffff:10.2.0.7]:40000", app4),
+            Some(addr("10.2.0.7:40000")),
+            "an IPv4 client on a dual-stack listener"
+        );
+        assert_eq!(
+            carried("[fd00::7]:40000", app6),
+            Some(addr("[fd00::7]:40000"))
+        );
+        for (client, app) in [
+            ("10.2.0.7:40000", app6),
+            ("[::ffff:10.2.0.7]:40000", app6),
+            ("[fd00::7]:40000", app4),
+            ("127.0.0.1:40000", app4),
+            ("127.9.9.9:40000", app4),
+            ("0.0.0.0:40000", app4),
+            ("255.255.255.255:40000", app4),
+            ("224.0.0.1:40000", app4),
+            ("[::1]:40000", app6),
+            ("[::]:40000", app6),
+            ("[ff02::1]:40000", app6),
+            ("[fe80::7]:40000", app6),
+            ("[::ffff:127.0.0.1]:40000", app4),
+        ] {
+            assert_eq!(carried(client, app), None, "{client} to {app}");
+        }
+        let kept = carriable(
+            ClientSource {
+                addr: addr("10.2.0.7:1"),
+                port: PortChoice::ClientFirst,
+            },
+            app4,
+        );
+        assert_eq!(kept.map(|s| s.port), Some(PortChoice::ClientFirst));
+    }
+
+    #[test]
+    fn live_dials_are_known_until_their_connection_ends() {
+        let dials = AppDials::new(None, 1);
+        let (client, app) = (addr("192.0.2.7:40000"), addr("10.1.0.5:8080"));
+        assert!(!dials.is_own(client, app));
+        let first = dials.hold(client, app);
+        let second = dials.hold(addr("[::ffff:192.0.2.7]:40000"), app);
+        assert!(dials.is_own(client, app));
+        assert!(dials.is_own(
+            addr("[::ffff:192.0.2.7]:40000"),
+            addr("[::ffff:10.1.0.5]:8080")
+        ));
+        assert!(!dials.is_own(addr("192.0.2.7:40001"), app));
+        assert!(!dials.is_own(client, addr("10.1.0.5:8081")));
+        drop(first);
+        assert!(
+            dials.is_own(client, app),
+            "the second dial with the tuple still lives"
+        );
+        drop(second);
+        assert!(!dials.is_own(client, app));
+        assert!(dials.live.lock().unwrap().is_empty());
     }
 }

@@ -10,7 +10,8 @@ pub struct Stats {
     pub bytes_in: AtomicU64,
     /// No original destination: capture state was missing (fail closed).
     pub no_original_dst: AtomicU64,
-    /// The original destination was one of the proxy's own ports (would loop).
+    /// Inbound connections that would loop: the original destination was one of the proxy's
+    /// own ports, or the connection was the proxy's own dial to an app, steered back to it.
     pub loop_refused: AtomicU64,
     pub upstream_connect_failed: AtomicU64,
     pub copy_failed: AtomicU64,
@@ -22,6 +23,9 @@ pub struct Stats {
     /// AuthorizationPolicy here, outbound ones the destination answered 401, and live ones a
     /// policy change denied.
     pub denied: AtomicU64,
+    /// Connections to an app that should have carried the client's address but were made from
+    /// the pod's (no `CAP_NET_ADMIN`, no free source port, `SLUICE_PROXY_DIALS` full).
+    pub source_not_preserved: AtomicU64,
     /// HBONE client connections set up (TLS + HTTP/2) by every pod's pool.
     pub pool_handshakes: std::sync::Arc<AtomicU64>,
     /// Istio's TCP metrics, per label set.
@@ -47,7 +51,7 @@ impl Stats {
         }
     }
 
-    pub fn snapshot(&self) -> [(&'static str, u64); 11] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 12] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("accepted", get(&self.accepted)),
@@ -64,6 +68,7 @@ impl Stats {
             ("tunnelled", get(&self.tunnelled)),
             ("tunnel_failed", get(&self.tunnel_failed)),
             ("denied", get(&self.denied)),
+            ("source_not_preserved", get(&self.source_not_preserved)),
         ]
     }
 }

@@ -24,6 +24,7 @@ use sluice_proxy::hbone::{self, Inbound, OpenError, ServerStats};
 use sluice_proxy::identity::Identity;
 use sluice_proxy::policy::{Connection, Policies, Target, Verdict};
 use sluice_proxy::pool::{BoxFuture, Pool, PoolError, PoolKey, TcpConnect, TlsDialer};
+use sluice_proxy::socket::AppStream;
 use sluice_proxy::tls::CertStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -66,6 +67,8 @@ fn store(dir: &TempDir) -> Arc<CertStore> {
 struct Pod {
     policies: std::sync::RwLock<Policies>,
     changes: tokio::sync::watch::Sender<u64>,
+    /// The client address each dial to the app was asked to carry.
+    clients: std::sync::Mutex<Vec<SocketAddr>>,
 }
 
 impl Pod {
@@ -119,8 +122,10 @@ impl Inbound for Pod {
         &self,
         target: SocketAddr,
         _peer: &Identity,
-    ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send + '_>> {
-        Box::pin(TcpStream::connect(target))
+        client: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<AppStream>> + Send + '_>> {
+        self.clients.lock().unwrap().push(client);
+        Box::pin(async move { TcpStream::connect(target).await.map(AppStream::from) })
     }
 }
 
@@ -994,4 +999,30 @@ async fn a_denied_peer_gets_401_and_a_policy_change_closes_its_live_tunnel() {
         .open(&key("sleep", "productpage", server), app, client_addr())
         .await;
     assert!(again.is_err(), "sleep is denied after the change");
+}
+
+/// The app is dialled as the tunnel's source address; the port the `forwarded` header names is
+/// believed only when the header names that same address, never another one.
+#[tokio::test]
+async fn the_app_is_dialled_as_the_tunnel_source_with_the_forwarded_port_only_for_it() {
+    let dir = TempDir::new("forwarded");
+    let store = store(&dir);
+    let app = echo_app().await;
+    let inbound = Arc::new(Pod::default());
+    let (server, _stats, _drain) =
+        draining_server_with(&store, &id("productpage"), inbound.clone()).await;
+    let pool = pool(&store, Duration::from_secs(30));
+    let key = key("sleep", "productpage", server);
+    // PlainTcp leaves from the host's address, as a pod's tunnels leave from the pod's.
+    let honest = SocketAddr::new(host_ip(), 40123);
+    let (sent, received) = echo_through(pool.open(&key, app, honest).await.unwrap(), 1024).await;
+    assert_eq!(sent, received);
+    // A client naming another address than its own gets neither that address nor its port.
+    let foreign: SocketAddr = "192.0.2.9:40124".parse().unwrap();
+    let (sent, received) = echo_through(pool.open(&key, app, foreign).await.unwrap(), 16).await;
+    assert_eq!(sent, received);
+    assert_eq!(
+        *inbound.clients.lock().unwrap(),
+        [honest, SocketAddr::new(host_ip(), 0)]
+    );
 }

@@ -28,7 +28,7 @@ use sluice_capture::{Backend, DEFAULT_PIN_ROOT, PodCapture, PodUid, Redirector};
 struct Args {
     /// The pod's network namespace: a name under /var/run/netns (as made by `ip netns add`) or
     /// a path such as /proc/PID/ns/net.
-    #[arg(long, env = "SLUICE_NETNS", required_unless_present_any = ["status", "proxy_cgroup", "check_kernel"])]
+    #[arg(long, env = "SLUICE_NETNS", required_unless_present_any = ["status", "proxy_cgroup", "node_cgroup", "check_kernel"])]
     netns: Option<String>,
 
     /// The pod's cgroup v2 directory; outbound capture (eBPF) attaches there. Without it only
@@ -62,6 +62,17 @@ struct Args {
     /// (eBPF backend; the proxy must join it before creating its listeners).
     #[arg(long, env = "SLUICE_PROXY_CGROUP")]
     proxy_cgroup: Option<PathBuf>,
+
+    /// Make the node's own connections to captured pods (kubelet's probes) leave from Istio's
+    /// probe address, which capture lets through (eBPF): attach the bind programs to this
+    /// cgroup and put the probe addresses on the node's `lo`. This process must run inside the
+    /// cgroup's subtree (the programs learn the node's netns from its socket).
+    #[arg(long, env = "SLUICE_NODE_CGROUP")]
+    node_cgroup: Option<PathBuf>,
+
+    /// The node's netns for --node-cgroup (a name or a path); defaults to this process's.
+    #[arg(long, env = "SLUICE_NODE_NETNS")]
+    node_netns: Option<String>,
 
     /// Release the pod instead of capturing it (idempotent).
     #[arg(long)]
@@ -131,6 +142,32 @@ fn main() -> Result<()> {
         } else {
             capture.attach_proxy(cgroup)?;
             println!("SO_ORIGINAL_DST emulation attached to {}", cgroup.display());
+        }
+    }
+    if let Some(cgroup) = &args.node_cgroup {
+        if args.backend != Backend::Ebpf {
+            bail!(
+                "--node-cgroup is for the eBPF backend; the agent SNATs the node's probes for iptables"
+            );
+        }
+        let node = match &args.node_netns {
+            Some(arg) => Netns::open_named_or_path(arg),
+            None => Netns::open("/proc/self/ns/net"),
+        }
+        .context("open the node's netns")?;
+        let mut capture = EbpfCapture::load(&args.pin_root)?;
+        if args.detach {
+            capture.detach_node()?;
+            sluice_capture::node::remove_probe_addresses(&node)?;
+        } else {
+            sluice_capture::node::ensure_probe_addresses(&node)?;
+            let cookie = capture.attach_node(cgroup, &node)?;
+            println!(
+                "node probes from {} and {} attached to {} (node netns cookie {cookie})",
+                sluice_capture::node::PROBE_V4,
+                sluice_capture::node::PROBE_V6,
+                cgroup.display()
+            );
         }
     }
     Ok(())

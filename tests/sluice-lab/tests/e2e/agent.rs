@@ -433,3 +433,96 @@ pub fn a_pod_claiming_another_pods_address_is_refused(backend: Backend) -> Resul
     lab.wait_ready(200)?;
     Ok(())
 }
+
+/// Polls `check` for up to 10 s (the agent rescans every 2 s).
+fn eventually(what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if check()? {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    anyhow::bail!("{what}: not within 10 s")
+}
+
+/// Kubelet's probe, from the node: it reaches a meshed pod's app uncaptured from Istio's probe
+/// address, and the agent keeps the node side current: eBPF, the address on the node's `lo`
+/// (put back when removed); iptables, the SNAT to exactly the captured pods (a released pod's
+/// rule goes, and its probes come from the node's own address again).
+pub fn the_agent_keeps_kubelet_probes_exempt_from_capture(backend: Backend) -> Result<()> {
+    let pods = [("server", "shop")];
+    let mut lab = node(
+        backend,
+        CgroupDriver::Cgroupfs,
+        &[("shop", true)],
+        &pods,
+        true,
+    )?;
+    start(&mut lab, &pods)?;
+    lab.wait_ready(200)?;
+    let (_server, to) = serve(&lab, "server", 9090)?;
+    let probe_ip = sluice_capture::node::PROBE_V4.to_string();
+    let probed = |lab: &AgentLab| -> Result<app::Outcome> {
+        let before = proxied(lab, "inbound", to)?;
+        let outcome = lab.probe(to)?;
+        ensure!(
+            proxied(lab, "inbound", to)? == before,
+            "a probe must bypass the proxy: {outcome:?}"
+        );
+        Ok(outcome)
+    };
+    let outcome = probed(&lab)?;
+    ensure!(
+        outcome.ok
+            && outcome
+                .server_saw
+                .as_deref()
+                .is_some_and(|s| s.starts_with(&format!("{probe_ip}:"))),
+        "kubelet's probe must reach the app from {probe_ip}: {outcome:?}"
+    );
+    let pod_ip = lab.pod("server")?.ip.to_string();
+    match backend {
+        Backend::Ebpf => {
+            lab.node
+                .exec(&["ip", "addr", "del", &format!("{probe_ip}/32"), "dev", "lo"])?;
+            eventually("the agent puts the probe address back on lo", || {
+                Ok(lab
+                    .node
+                    .output(&["ip", "-o", "addr", "show", "dev", "lo"])?
+                    .contains(&format!("{probe_ip}/32")))
+            })?;
+            ensure!(probed(&lab)?.ok, "the probe works again");
+        }
+        Backend::Iptables => {
+            let snat = format!(
+                "-d {pod_ip}/32 -p tcp -m owner --socket-exists -j SNAT --to-source {probe_ip}"
+            );
+            ensure!(
+                lab.node
+                    .output(&["iptables-save", "-t", "nat"])?
+                    .contains(&snat),
+                "the node SNATs its own connections to the captured pod"
+            );
+            lab.set_namespace("shop", false)?;
+            lab.wait_captured("server", false)?;
+            eventually("the released pod's SNAT rule goes", || {
+                Ok(!lab
+                    .node
+                    .output(&["iptables-save", "-t", "nat"])?
+                    .contains(&snat))
+            })?;
+            let direct = lab.probe(to)?;
+            ensure!(
+                direct.ok
+                    && !direct
+                        .server_saw
+                        .as_deref()
+                        .unwrap_or_default()
+                        .starts_with(&probe_ip),
+                "a released pod is probed from the node's own address: {direct:?}"
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,8 +1,9 @@
 //! Capture scenarios, written once and run against both backends.
 //!
-//! The evidence that a connection went through the proxy: the server sees the connection come
-//! from the pod's own address (the proxy dials from inside the pod) instead of the client's, and
-//! the proxy logs it; a direct connection shows the client's real address on both ends.
+//! The evidence that an inbound connection went through the proxy: the app sees the client's
+//! own address (the proxy preserves it) but not the client's port (the proxy's connection to the
+//! app is its own, from a fresh port), and the proxy logs it; a direct connection shows the very
+//! same address and port on both ends.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
@@ -32,6 +33,17 @@ fn succeeded(outcome: &Outcome) -> Result<()> {
     Ok(())
 }
 
+/// Inbound through the proxy: the app saw the client's address on another connection.
+fn proxied(outcome: &Outcome) -> bool {
+    ip_of(outcome.server_saw.as_deref()) == ip_of(outcome.local.as_deref())
+        && outcome.server_saw != outcome.local
+}
+
+/// Not through the proxy: the app saw the client's own socket.
+fn direct(outcome: &Outcome) -> bool {
+    outcome.server_saw.is_some() && outcome.server_saw == outcome.local
+}
+
 fn ip_of(addr: Option<&str>) -> String {
     addr.and_then(|s| s.parse::<SocketAddr>().ok())
         .map(|a| a.ip().to_string())
@@ -56,9 +68,10 @@ pub fn inbound_to_any_port_reaches_the_app_through_the_proxy(backend: Backend) -
             "1 MiB should come back intact: {outcome:?}"
         );
         ensure!(
-            ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(),
-            "port {port}: the app should see the proxy's in-pod connection from {POD_IP}, saw {:?} (not captured?)",
-            outcome.server_saw
+            proxied(&outcome) && ip_of(outcome.server_saw.as_deref()) == PEER_IP.to_string(),
+            "port {port}: the app should see the client's address {PEER_IP} on the proxy's connection, saw {:?} (client {:?}; not captured?)",
+            outcome.server_saw,
+            outcome.local
         );
         proxy.wait_for_log(&[
             "direction=\"inbound\"",
@@ -94,8 +107,8 @@ pub fn outbound_reaches_the_server_through_the_proxy_and_the_app_sees_the_real_p
         outcome.local
     );
     ensure!(
-        ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(),
-        "the server should see the pod's address: {outcome:?}"
+        proxied(&outcome),
+        "the server should see the pod's address, on the proxy's connection: {outcome:?}"
     );
     proxy.wait_for_log(&[
         "direction=\"outbound\"",
@@ -141,7 +154,7 @@ pub fn hbone_port_and_loopback_are_not_captured(backend: Backend) -> Result<()> 
     let outcome = app::run_client(&lab.in_peer(), addr(POD_IP, 15008), 4096)?;
     succeeded(&outcome)?;
     ensure!(
-        ip_of(outcome.server_saw.as_deref()) == PEER_IP.to_string(),
+        direct(&outcome),
         "15008 must reach the pod directly: {outcome:?}"
     );
 
@@ -175,16 +188,10 @@ pub fn excluded_ports_are_not_captured(backend: Backend) -> Result<()> {
 
     let excluded = app::run_client(&lab.in_peer(), addr(POD_IP, 2222), 1024)?;
     succeeded(&excluded)?;
-    ensure!(
-        ip_of(excluded.server_saw.as_deref()) == PEER_IP.to_string(),
-        "inbound 2222 is excluded: {excluded:?}"
-    );
+    ensure!(direct(&excluded), "inbound 2222 is excluded: {excluded:?}");
     let captured = app::run_client(&lab.in_peer(), addr(POD_IP, 2223), 1024)?;
     succeeded(&captured)?;
-    ensure!(
-        ip_of(captured.server_saw.as_deref()) == POD_IP.to_string(),
-        "inbound 2223 is captured: {captured:?}"
-    );
+    ensure!(proxied(&captured), "inbound 2223 is captured: {captured:?}");
 
     let outbound = app::run_client(&lab.in_pod_cgroup(), addr(PEER_IP, 5432), 1024)?;
     succeeded(&outbound)?;
@@ -220,10 +227,7 @@ pub fn proxy_stopped_refuses_traffic_and_restarted_proxy_serves_it_again(
     let _proxy = ProxyProcess::start(&lab, &[])?;
     let inbound = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 1024)?;
     succeeded(&inbound)?;
-    ensure!(
-        ip_of(inbound.server_saw.as_deref()) == POD_IP.to_string(),
-        "captured again: {inbound:?}"
-    );
+    ensure!(proxied(&inbound), "captured again: {inbound:?}");
     succeeded(&app::run_client(
         &lab.in_pod_cgroup(),
         addr(PEER_IP, 9090),
@@ -241,7 +245,7 @@ pub fn loader_restart_keeps_capture_and_adopts_the_pod(backend: Backend) -> Resu
     let outcome = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 4096)?;
     succeeded(&outcome)?;
     ensure!(
-        ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(),
+        proxied(&outcome),
         "still captured after the loader exited: {outcome:?}"
     );
 
@@ -257,10 +261,7 @@ pub fn loader_restart_keeps_capture_and_adopts_the_pod(backend: Backend) -> Resu
     reloaded.remove(&lab.pod)?;
     let outcome = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 4096)?;
     succeeded(&outcome)?;
-    ensure!(
-        ip_of(outcome.server_saw.as_deref()) == PEER_IP.to_string(),
-        "released by the new loader: {outcome:?}"
-    );
+    ensure!(direct(&outcome), "released by the new loader: {outcome:?}");
     Ok(())
 }
 
@@ -273,7 +274,7 @@ pub fn enrol_twice_and_remove_unknown_succeed(backend: Backend) -> Result<()> {
     let outcome = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 4096)?;
     succeeded(&outcome)?;
     ensure!(
-        ip_of(outcome.server_saw.as_deref()) == POD_IP.to_string(),
+        proxied(&outcome),
         "captured once, not broken by enrolling twice: {outcome:?}"
     );
 
@@ -300,7 +301,7 @@ pub fn release_restores_direct_traffic_and_leaves_nothing_behind(backend: Backen
     let inbound = app::run_client(&lab.in_peer(), addr(POD_IP, 8080), 4096)?;
     succeeded(&inbound)?;
     ensure!(
-        ip_of(inbound.server_saw.as_deref()) == PEER_IP.to_string(),
+        direct(&inbound),
         "inbound is direct after release: {inbound:?}"
     );
     let outbound = app::run_client(&lab.in_pod_cgroup(), addr(PEER_IP, 9090), 4096)?;
@@ -347,8 +348,8 @@ pub fn ipv6_is_captured_both_ways(backend: Backend) -> Result<()> {
     let inbound = app::run_client(&lab.in_peer(), addr6(POD_IP6, 8080), MIB)?;
     succeeded(&inbound)?;
     ensure!(
-        ip_of(inbound.server_saw.as_deref()) == POD_IP6.to_string(),
-        "inbound IPv6 goes through the proxy: {inbound:?}"
+        proxied(&inbound) && ip_of(inbound.server_saw.as_deref()) == PEER_IP6.to_string(),
+        "inbound IPv6 goes through the proxy, and the app sees the client's address: {inbound:?}"
     );
     proxy.wait_for_log(&[
         "direction=\"inbound\"",

@@ -21,5 +21,13 @@ pub fn the_demo_meshes_a_namespace_and_enforces_its_policy(backend: Backend) -> 
     );
     ensure!(report.notsleep_error.contains("reset"), "{report:?}");
     ensure!(report.opened_sleep_to_echo >= 2, "{report:?}");
+    ensure!(
+        report.echo_saw_tunnelled.starts_with("10.97.1."),
+        "echo must see sleep's node-a address through the tunnel: {report:?}"
+    );
+    ensure!(
+        report.echo_saw_probe.starts_with("169.254.7.127:"),
+        "the kubelet probe must reach echo from Istio's probe address: {report:?}"
+    );
     Ok(())
 }

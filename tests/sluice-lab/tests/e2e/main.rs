@@ -13,6 +13,7 @@ mod hostile;
 mod hostile_peers;
 mod mesh;
 mod policy;
+mod source;
 mod zds;
 
 /// Fails loudly (never skips) when the tests cannot do their job.
@@ -67,6 +68,16 @@ mod authz {
     );
 }
 
+/// What apps and kubelet see: the client's own address at the app, kubelet's probes under
+/// STRICT and allow-nothing (and no pod passing for one).
+mod what_apps_see {
+    for_both_backends!(source:
+        kubelet_probes_reach_the_app_under_strict_and_allow_nothing,
+        apps_see_the_clients_own_address,
+        without_source_preservation_the_app_sees_the_pods_own_address,
+    );
+}
+
 /// Hostile pods on the same node: address claims, spoofed sources, link-local and later-added
 /// addresses, connect storms. Each attack fails, the victim is unaffected, the refusal is named.
 mod hostile_pod {
@@ -92,6 +103,7 @@ mod main_job {
 /// The node agent with the CNI chain, the pods file and restarts (one node each).
 mod node_agent {
     for_both_backends!(agent:
+        the_agent_keeps_kubelet_probes_exempt_from_capture,
         a_pod_started_through_the_cni_chain_runs_only_once_captured_and_served,
         labelling_a_namespace_meshes_its_running_pods_and_unlabelling_releases_them,
         an_agent_restart_adopts_its_pods_without_disturbing_live_traffic,
