@@ -662,6 +662,17 @@ impl Node {
     /// iptables: the SNAT chain, synced with the captured addresses on every turn.
     fn setup_node_probes(&mut self) {
         let Some(cgroup) = self.cfg.node_cgroup.clone() else {
+            // Turned off: take away what an earlier agent set up, so nothing is exempt.
+            let node = &self.cfg.node_netns;
+            let removed = match &mut self.capture {
+                Capture::Ebpf(capture) => capture
+                    .detach_node()
+                    .and_then(|()| sluice_capture::node::remove_probe_addresses(node)),
+                Capture::Iptables(_) => sluice_capture::node::remove_probe_snat(node),
+            };
+            if let Err(e) = removed {
+                warn!(error = %e, "cannot remove an earlier node probe exemption");
+            }
             return;
         };
         let result = match &mut self.capture {

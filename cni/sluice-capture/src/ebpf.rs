@@ -27,8 +27,8 @@ use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
 use aya::programs::Program;
 use aya::{Ebpf, EbpfLoader};
 use sluice_common::{
-    AddrKey, CgroupKey, PairKey, PeerOrig, PodConfig, PodKey, PodState, PodUidKey, SockOrig,
-    Verdict, maps, programs,
+    AddrKey, CgroupKey, DialKey, PairKey, PeerOrig, PodConfig, PodKey, PodState, PodUidKey,
+    SockOrig, Verdict, maps, programs,
 };
 use tracing::{debug, info, warn};
 
@@ -205,12 +205,21 @@ impl EbpfCapture {
     /// one of the caller's own sockets is filed in `NODE_LEARN` and connected, and the program
     /// writes back the netns cookie it ran in (userspace cannot read one before Linux 5.14).
     fn learn_node_netns(&mut self, cgroup: &Path, node: &Netns) -> Result<u64, CaptureError> {
-        let known = {
-            let netns: aya::maps::Array<&mut MapData, u64> = self.typed(maps::NODE_NETNS)?;
-            netns.get(&0, 0).map_err(map_err(maps::NODE_NETNS))?
-        };
-        if known != 0 {
-            return Ok(known);
+        // Learnt again on every attach (a node netns given wrongly once must not stick): the
+        // programs answer the learning socket only while they know no node. Binding stops for
+        // the moment this takes (well under a millisecond); a probe then is captured like any
+        // connection, and kubelet tries again.
+        {
+            let mut netns: aya::maps::Array<&mut MapData, u64> = self.typed(maps::NODE_NETNS)?;
+            netns.set(0, 0, 0).map_err(map_err(maps::NODE_NETNS))?;
+        }
+        {
+            // Leftovers of a learner that died between filing and removing its socket.
+            let mut learn: HashMap<&mut MapData, u64, u64> = self.hash(maps::NODE_LEARN)?;
+            let stale: Vec<u64> = learn.keys().filter_map(Result::ok).collect();
+            for cookie in stale {
+                ignore_missing(learn.remove(&cookie), maps::NODE_LEARN)?;
+            }
         }
         let in_node = |what: &'static str| {
             move |source| CaptureError::InNetns {
@@ -553,6 +562,17 @@ impl EbpfCapture {
             .collect();
         for pair in pairs {
             ignore_missing(peers.remove(&pair), maps::PEER_ORIG)?;
+        }
+        // Dials the proxy registered for the pod and never removed (it died mid-dial): void by
+        // their deadline already, gone with the pod so a reused netns inode inherits nothing.
+        let mut dials = self.hash::<DialKey, u64>(maps::PROXY_DIALS)?;
+        let left: Vec<DialKey> = dials
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pod == pod)
+            .collect();
+        for key in left {
+            ignore_missing(dials.remove(&key), maps::PROXY_DIALS)?;
         }
         ignore_missing(
             self.hash::<PodKey, u64>(maps::POD_TRACKED)?.remove(&pod),

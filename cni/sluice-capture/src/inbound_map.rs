@@ -90,7 +90,9 @@ pub struct DialGuard<'a> {
 }
 
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 /// Create or replace: a stale entry for the same tuple (a dial whose guard has not run yet)
 /// describes the same connection.
 const BPF_ANY: u64 = 0;
@@ -123,7 +125,7 @@ impl ProxyDials {
         let info = map.info().map_err(map_err)?;
         let (key, value) = (
             std::mem::size_of::<DialKey>() as u32,
-            std::mem::size_of::<u32>() as u32,
+            std::mem::size_of::<u64>() as u32,
         );
         if info.key_size() != key {
             return Err(map_err(aya::maps::MapError::InvalidKeySize {
@@ -151,7 +153,9 @@ impl ProxyDials {
         app: SocketAddr,
     ) -> Result<DialGuard<'_>, CaptureError> {
         let key = dial_key(netns_ino, client, app);
-        let value: u32 = 0;
+        // The entry is void past this instant even if it is never removed (a proxy killed in
+        // the middle of a dial): a leftover can never become a standing way around capture.
+        let value: u64 = monotonic_ns().saturating_add(DIAL_TTL.as_nanos() as u64);
         let mut attr = MapElemAttr {
             map_fd: self.map.fd().as_fd().as_raw_fd() as u32,
             key: std::ptr::from_ref(&key) as u64,
@@ -167,6 +171,68 @@ impl ProxyDials {
             }),
         })?;
         Ok(DialGuard { dials: self, key })
+    }
+
+    /// Removes the entries past their deadline: leftovers of a proxy killed mid-dial (void
+    /// already; this gives their room back). Live dials of another proxy instance (a rollout
+    /// with surge) are left alone. Returns how many went.
+    pub fn sweep_expired(&self) -> Result<usize, CaptureError> {
+        let failed = |call: &'static str| {
+            move |io_error| CaptureError::Map {
+                map: maps::PROXY_DIALS,
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call,
+                    io_error,
+                }),
+            }
+        };
+        let now = monotonic_ns();
+        let mut expired = Vec::new();
+        let mut prev: Option<DialKey> = None;
+        // Bounded by the map's size: every turn moves to the next key.
+        for _ in 0..=sluice_common::MAX_PROXY_DIALS {
+            let mut key = DialKey::default();
+            let mut attr = MapElemAttr {
+                map_fd: self.map.fd().as_fd().as_raw_fd() as u32,
+                key: prev.as_ref().map_or(0, |p| std::ptr::from_ref(p) as u64),
+                value: std::ptr::from_mut(&mut key) as u64,
+                ..Default::default()
+            };
+            match elem_command(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+                Err(e) => return Err(failed("BPF_MAP_GET_NEXT_KEY")(e)),
+            }
+            let mut deadline: u64 = 0;
+            let mut attr = MapElemAttr {
+                map_fd: self.map.fd().as_fd().as_raw_fd() as u32,
+                key: std::ptr::from_ref(&key) as u64,
+                value: std::ptr::from_mut(&mut deadline) as u64,
+                ..Default::default()
+            };
+            match elem_command(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+                Ok(()) if deadline <= now => expired.push(key),
+                Ok(()) => {}
+                // Removed meanwhile by its own dial.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(failed("BPF_MAP_LOOKUP_ELEM")(e)),
+            }
+            prev = Some(key);
+        }
+        let mut removed = 0;
+        for key in &expired {
+            let mut attr = MapElemAttr {
+                map_fd: self.map.fd().as_fd().as_raw_fd() as u32,
+                key: std::ptr::from_ref(key) as u64,
+                ..Default::default()
+            };
+            match elem_command(BPF_MAP_DELETE_ELEM, &mut attr) {
+                Ok(()) => removed += 1,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(failed("BPF_MAP_DELETE_ELEM")(e)),
+            }
+        }
+        Ok(removed)
     }
 
     /// Whether `error` (from [`ProxyDials::allow`]) says the map is full: every slot holds a
@@ -200,6 +266,21 @@ impl Drop for DialGuard<'_> {
             Err(e) => tracing::warn!(error = %e, "remove a dial from SLUICE_PROXY_DIALS"),
         }
     }
+}
+
+/// How long a registered dial lets its SYN through: the proxy's connect deadline (10 s) plus
+/// a margin for SYN retransmits that arrive just before it gives up.
+pub const DIAL_TTL: std::time::Duration = std::time::Duration::from_secs(12);
+
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write into; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
 /// The key `steer_inbound` looks up for a SYN from `client` to `app` in pod `netns_ino`: named
@@ -340,7 +421,7 @@ mod tests {
 
             fn entries(&self) -> Vec<DialKey> {
                 let path = self.0.join("maps").join(maps::PROXY_DIALS);
-                let map = aya::maps::HashMap::<MapData, DialKey, u32>::try_from(Map::HashMap(
+                let map = aya::maps::HashMap::<MapData, DialKey, u64>::try_from(Map::HashMap(
                     MapData::from_pin(path).unwrap(),
                 ))
                 .unwrap();
@@ -357,7 +438,7 @@ mod tests {
         #[test]
         fn a_dial_is_registered_until_its_guard_drops_and_a_full_map_says_so() {
             let root = PinRoot::new("allow");
-            root.pin_hash(std::mem::size_of::<DialKey>() as u32, 4, 2);
+            root.pin_hash(std::mem::size_of::<DialKey>() as u32, 8, 2);
             let dials = ProxyDials::open(&root.0).unwrap().expect("the pinned map");
             let app: SocketAddr = "10.1.0.5:8080".parse().unwrap();
             let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
@@ -385,9 +466,45 @@ mod tests {
         }
 
         #[test]
+        fn an_entry_carries_its_deadline_and_a_sweep_takes_only_expired_ones() {
+            let root = PinRoot::new("deadline");
+            root.pin_hash(std::mem::size_of::<DialKey>() as u32, 8, 4);
+            let dials = ProxyDials::open(&root.0).unwrap().expect("the pinned map");
+            let app: SocketAddr = "10.1.0.5:8080".parse().unwrap();
+            let client: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+            let before = monotonic_ns();
+            let guard = dials.allow(7, client, app).unwrap();
+            let path = root.0.join("maps").join(maps::PROXY_DIALS);
+            let map = aya::maps::HashMap::<MapData, DialKey, u64>::try_from(Map::HashMap(
+                MapData::from_pin(path).unwrap(),
+            ))
+            .unwrap();
+            let deadline = map.get(&dial_key(7, client, app), 0).unwrap();
+            let ttl = DIAL_TTL.as_nanos() as u64;
+            assert!(
+                deadline >= before + ttl && deadline <= monotonic_ns() + ttl,
+                "the deadline is the dial's start plus {DIAL_TTL:?}"
+            );
+            // A leftover (the guard forgotten, as when the proxy is killed mid-dial) stays
+            // until its deadline has passed; then a sweep takes it, and only it.
+            std::mem::forget(guard);
+            let _live = dials.allow(8, client, app).unwrap();
+            assert_eq!(
+                dials.sweep_expired().unwrap(),
+                0,
+                "nothing is past its deadline yet"
+            );
+            let mut map = map;
+            map.insert(dial_key(7, client, app), monotonic_ns() - 1, 0)
+                .unwrap();
+            assert_eq!(dials.sweep_expired().unwrap(), 1);
+            assert_eq!(root.entries(), [dial_key(8, client, app)]);
+        }
+
+        #[test]
         fn a_map_of_another_layout_is_refused() {
             let root = PinRoot::new("layout");
-            root.pin_hash(8, 4, 2);
+            root.pin_hash(8, 8, 2);
             let Err(e) = ProxyDials::open(&root.0) else {
                 panic!("a map with 8-byte keys was taken for SLUICE_PROXY_DIALS");
             };

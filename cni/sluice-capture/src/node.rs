@@ -42,10 +42,21 @@ const CHAIN: &str = "SLUICE_POSTRT";
 pub fn ensure_probe_addresses(node: &Netns) -> Result<(), CaptureError> {
     let present = output(node, "ip", &["-o", "addr", "show", "dev", "lo"])?;
     if !has_addr(&present, &format!("{PROBE_V4}/32")) {
+        // Host scope and (IPv6) deprecated: bindable, but never chosen as the source of the
+        // node's other traffic (on interfaces without an address of their own the kernel would
+        // otherwise pick a global address of `lo`).
         output(
             node,
             "ip",
-            &["addr", "add", &format!("{PROBE_V4}/32"), "dev", "lo"],
+            &[
+                "addr",
+                "add",
+                &format!("{PROBE_V4}/32"),
+                "dev",
+                "lo",
+                "scope",
+                "host",
+            ],
         )?;
     }
     if ipv6_enabled(node) && !has_addr(&present, &format!("{PROBE_V6}/128")) {
@@ -60,6 +71,8 @@ pub fn ensure_probe_addresses(node: &Netns) -> Result<(), CaptureError> {
                 "dev",
                 "lo",
                 "nodad",
+                "preferred_lft",
+                "0",
             ],
         )?;
     }

@@ -85,9 +85,9 @@ pub mod maps {
     /// `PodUid` → `PodState`: userspace-only bookkeeping of enrolled pods, pinned with the rest
     /// so a restarted agent can clean up what an earlier one enrolled.
     pub const PODS: &str = "SLUICE_PODS";
-    /// `DialKey` → `u32` (unused): the proxy's connections to an app that carry the client's
-    /// address as source (`IP_TRANSPARENT`), written by the proxy just before `connect()` and
-    /// removed once it returns. `steer_inbound` lets exactly these SYNs through to the app; any
+    /// `DialKey` → `u64` deadline (`CLOCK_MONOTONIC` ns): the proxy's connections to an app that
+    /// carry the client's address as source (`IP_TRANSPARENT`), written by the proxy just before
+    /// `connect()` and removed once it returns (void past the deadline in any case). `steer_inbound` lets exactly these SYNs through to the app; any
     /// other SYN with a foreign source is captured. No pod can write it.
     pub const PROXY_DIALS: &str = "SLUICE_PROXY_DIALS";
     /// Index 0 → the node's netns cookie, learnt by `bind_node_probe4` from the agent's own

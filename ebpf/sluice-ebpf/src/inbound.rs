@@ -10,6 +10,7 @@
 //! another pod's inbound traffic by adding that pod's address to its own interfaces.
 
 use aya_ebpf::bindings::{sk_action::SK_DROP, sk_action::SK_PASS};
+use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use aya_ebpf::macros::sk_lookup;
 use aya_ebpf::programs::SkLookupContext;
 use sluice_common::{
@@ -112,8 +113,11 @@ fn steer(ctx: &SkLookupContext) -> Verdict {
         _pad: 0,
     };
     // SAFETY: map values are valid while the program runs.
-    if unsafe { PROXY_DIALS.get(dial) }.is_some() {
-        return Verdict::InboundPassProxyDial;
+    if let Some(deadline) = unsafe { PROXY_DIALS.get(dial) }.copied() {
+        // SAFETY: bpf_ktime_get_ns is allowed for every program type.
+        if unsafe { bpf_ktime_get_ns() } < deadline {
+            return Verdict::InboundPassProxyDial;
+        }
     }
     // A missing proxy socket (proxy down or not yet ready for this pod) refuses the connection:
     // inbound traffic to a captured pod never reaches the app around the proxy.

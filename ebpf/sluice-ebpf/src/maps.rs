@@ -44,10 +44,11 @@ pub static PEER_ORIG: HashMap<PairKey, PeerOrig> = HashMap::pinned(MAX_TRACKED, 
 pub static POD_TRACKED: HashMap<PodKey, u64> = HashMap::pinned(MAX_PODS, 0);
 
 /// Written by the proxy only (just before it dials an app from a client's address, removed
-/// once connected); read by `steer_inbound`. Not LRU: when full, the proxy dials without the
-/// client's address rather than evicting another dial's entry.
+/// once connected); read by `steer_inbound`. The value is the entry's deadline
+/// (`bpf_ktime_get_ns`): a leftover of a proxy killed mid-dial lets nothing by. Not LRU: when
+/// full, the proxy dials without the client's address rather than evicting another's entry.
 #[map(name = "SLUICE_PROXY_DIALS")]
-pub static PROXY_DIALS: HashMap<DialKey, u32> = HashMap::pinned(MAX_PROXY_DIALS, BPF_F_NO_PREALLOC);
+pub static PROXY_DIALS: HashMap<DialKey, u64> = HashMap::pinned(MAX_PROXY_DIALS, BPF_F_NO_PREALLOC);
 
 /// Index 0: the node's netns cookie, written by the agent once learnt (see `probe.rs`).
 #[map(name = "SLUICE_NODE_NETNS")]

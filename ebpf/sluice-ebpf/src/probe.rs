@@ -135,7 +135,7 @@ fn node_socket(ctx: &SockAddrContext) -> bool {
         _ => {
             // SAFETY: allowed for cgroup sock_addr programs.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            if let Some(slot) = NODE_LEARN.get_ptr_mut(&cookie) {
+            if let Some(slot) = NODE_LEARN.get_ptr_mut(cookie) {
                 // SAFETY: a live map value of the agent's own socket; only this write races
                 // with the agent's read, which retries.
                 unsafe { *slot = netns };

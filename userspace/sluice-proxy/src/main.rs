@@ -331,7 +331,18 @@ fn carry(args: &Args, ebpf: bool) -> Carry {
         return carry;
     }
     match ProxyDials::open(&args.pin_root) {
-        Ok(Some(dials)) => carry.proxy_dials = Some(Arc::new(dials)),
+        Ok(Some(dials)) => {
+            // Leftovers of a proxy killed mid-dial: void by their deadline, their room back.
+            match dials.sweep_expired() {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    removed = n,
+                    "expired dials of an earlier proxy swept from SLUICE_PROXY_DIALS"
+                ),
+                Err(e) => warn!(error = %e, "cannot sweep SLUICE_PROXY_DIALS"),
+            }
+            carry.proxy_dials = Some(Arc::new(dials));
+        }
         Ok(None) => {
             warn!(pin_root = %args.pin_root.display(), "eBPF capture without SLUICE_PROXY_DIALS (an older capture): apps see the pod's address, not the client's; upgrade the agent to preserve it");
             carry.preserve_source = false;

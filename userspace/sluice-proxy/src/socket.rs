@@ -103,6 +103,26 @@ pub struct AppDials {
     /// (client, app) → live dials with that tuple (one, unless a failed dial's guard has not
     /// run yet when the same tuple is dialled again).
     live: Mutex<HashMap<(SocketAddr, SocketAddr), u32>>,
+    /// Dials of this pod registered with capture right now (bounded by
+    /// [`MAX_REGISTERED_PER_POD`], so one pod whose app never answers cannot take the node's
+    /// whole `SLUICE_PROXY_DIALS` from the others).
+    registered: std::sync::atomic::AtomicUsize,
+}
+
+/// How many dials of one pod may be registered with capture at once: 128 pods at this bound
+/// fill `SLUICE_PROXY_DIALS` (65,536), more than a kubelet runs. A dial past it goes from the
+/// pod's address (counted as `source_not_preserved`).
+pub const MAX_REGISTERED_PER_POD: usize = 512;
+
+/// One of a pod's [`MAX_REGISTERED_PER_POD`] registration slots, given back on drop.
+struct Slot(Arc<AppDials>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0
+            .registered
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl AppDials {
@@ -113,7 +133,17 @@ impl AppDials {
             bpf,
             netns_ino,
             live: Mutex::new(HashMap::new()),
+            registered: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// A registration slot, or `None` when the pod already holds all of its own.
+    fn reserve(self: &Arc<Self>) -> Option<Slot> {
+        let taken = self
+            .registered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let slot = Slot(self.clone());
+        (taken < MAX_REGISTERED_PER_POD).then_some(slot)
     }
 
     /// Whether a connection from `peer` to `local` accepted in this pod is one of the proxy's
@@ -234,44 +264,38 @@ fn carriable(source: ClientSource, dst: SocketAddr) -> Option<ClientSource> {
     })
 }
 
-/// How many times a kernel-picked port equal to the client's is thrown away before the dial
-/// goes from the pod's address instead (the ephemeral range is large: one repeat is rare).
-const MAX_PICKS: u8 = 4;
-/// Every attempt of one dial: the client's port, one retry after a port in use, the picks.
-const MAX_ATTEMPTS: usize = 2 + MAX_PICKS as usize;
+/// The source ports the proxy's connections to apps take when not the client's own: below the
+/// ephemeral ranges clients' own ports come from (Linux 32768–60999, Windows 49152–65535). The
+/// captured connection's client may have other connections to the same app port from the same
+/// address; a dial sharing one's tuple would reach that connection's socket (or conntrack
+/// entry) instead of the app, and that client's next connection from the dial's port would
+/// reach the app's socket of the dial. Outside those ranges such a clash needs a client that
+/// picks its own ports there.
+const DIAL_PORTS: std::ops::RangeInclusive<u16> = 20000..=32767;
+/// Every attempt of one dial: the client's port (HBONE), then ports of [`DIAL_PORTS`] while
+/// the one tried is in use.
+const MAX_ATTEMPTS: usize = 6;
 
 /// The source ports one dial tries, in order (see [`PortChoice`]).
 #[derive(Debug)]
 struct PortPlan {
-    /// 0 when the client's port is not known (it is then never avoided: a pick is never 0).
+    /// 0 when the client's port is not known.
     client_port: u16,
-    /// The port the next bind asks for; 0 lets the kernel pick.
+    /// The port the next bind asks for.
     next: u16,
-    retried: bool,
-    picks: u8,
-}
-
-/// What to do with a port the kernel picked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pick {
-    Keep,
-    /// The client's own: close the socket and bind another.
-    Again,
-    /// The client's own, too many times: dial from the pod's address.
-    GiveUp,
+    attempts: usize,
 }
 
 impl PortPlan {
     fn new(client_port: u16, choice: PortChoice) -> Self {
         let next = match choice {
-            PortChoice::ClientFirst => client_port,
-            PortChoice::NotClients => 0,
+            PortChoice::ClientFirst if client_port != 0 => client_port,
+            _ => pick(client_port, 0),
         };
         Self {
             client_port,
             next,
-            retried: false,
-            picks: 0,
+            attempts: 1,
         }
     }
 
@@ -280,27 +304,36 @@ impl PortPlan {
     }
 
     /// The port was in use (bind: `EADDRINUSE`; connect: the tuple exists, `EADDRNOTAVAIL`):
-    /// whether to try once more, with a port the kernel picks.
+    /// whether to try another (then [`PortPlan::port`] is a fresh one).
     fn in_use(&mut self) -> bool {
-        if self.retried {
+        if self.attempts >= MAX_ATTEMPTS {
             return false;
         }
-        self.retried = true;
-        self.next = 0;
+        self.attempts += 1;
+        self.next = pick(self.client_port, self.attempts as u64);
         true
     }
+}
 
-    /// The kernel picked `port` for a bind to port 0.
-    fn picked(&mut self, port: u16) -> Pick {
-        if self.client_port == 0 || port != self.client_port {
-            return Pick::Keep;
-        }
-        self.picks += 1;
-        if self.picks >= MAX_PICKS {
-            Pick::GiveUp
+/// A port of [`DIAL_PORTS`] that is not `avoid` (the client's own), spread so concurrent dials
+/// rarely try the same one.
+fn pick(avoid: u16, salt: u64) -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(n ^ salt.rotate_left(32));
+    let span = u64::from(DIAL_PORTS.end() - DIAL_PORTS.start()) + 1;
+    let port = DIAL_PORTS.start() + (hasher.finish() % span) as u16;
+    if port == avoid {
+        // The next one is not the client's (the range has thousands of ports).
+        if port == *DIAL_PORTS.end() {
+            *DIAL_PORTS.start()
         } else {
-            Pick::Again
+            port + 1
         }
+    } else {
+        port
     }
 }
 
@@ -347,28 +380,23 @@ async fn connect_from_client(
         else {
             return Ok(Err(format!("read the address bound for {want}")));
         };
-        if port == 0 {
-            match plan.picked(bound.port()) {
-                Pick::Keep => {}
-                Pick::Again => continue,
-                Pick::GiveUp => {
-                    return Ok(Err(format!(
-                        "the kernel picked the client's own port {} {MAX_PICKS} times",
-                        bound.port()
-                    )));
-                }
-            }
-        }
         let own = dials.hold(bound, dst);
         let registered = match &dials.bpf {
-            Some(map) => match map.allow(dials.netns_ino, bound, dst) {
-                Ok(guard) => Some(guard),
-                Err(e) => {
-                    if !ProxyDials::is_full(&e) {
-                        tracing::warn!(client = %bound, app = %dst, error = %e, "could not register a dial in SLUICE_PROXY_DIALS; dialling from the pod's address");
-                    }
-                    return Ok(Err(format!("register the dial with capture: {e}")));
+            Some(map) => match dials.reserve() {
+                None => {
+                    return Ok(Err(format!(
+                        "the pod already has {MAX_REGISTERED_PER_POD} dials registered with capture"
+                    )));
                 }
+                Some(slot) => match map.allow(dials.netns_ino, bound, dst) {
+                    Ok(guard) => Some((slot, guard)),
+                    Err(e) => {
+                        if !ProxyDials::is_full(&e) {
+                            tracing::warn!(client = %bound, app = %dst, error = %e, "could not register a dial in SLUICE_PROXY_DIALS; dialling from the pod's address");
+                        }
+                        return Ok(Err(format!("register the dial with capture: {e}")));
+                    }
+                },
             },
             None => None,
         };
@@ -390,15 +418,16 @@ async fn connect_from_client(
                 return Ok(Err(format!("connect from {bound}: {e}")));
             }
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                // Also what a pod without reply routing looks like: the app's answer left
-                // towards the client instead of coming back to the proxy.
+                // An app that does not answer, or (when every such connect of the pod times
+                // out) a pod whose reply routing is gone: the app's answer left towards the
+                // client instead of coming back to the proxy.
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "connect to {dst} from the client's address {bound} timed out; if every \
-                         such connect of the pod does, its reply routing (mark bit 0x1000 \
-                         delivered locally) is missing: re-enroll it, or run with \
-                         --preserve-source=false"
+                        "connect to {dst} from the client's address {bound} timed out (the app \
+                         does not answer; if every such connect of the pod times out, its reply \
+                         routing, mark bit 0x1000 to table 100, is missing: capture it again, or \
+                         run with --preserve-source=false)"
                     ),
                 ));
             }
@@ -558,62 +587,46 @@ mod tests {
     }
 
     #[test]
-    fn hbone_tries_the_clients_port_first_then_any_but_it() {
+    fn hbone_tries_the_clients_port_first_then_the_dial_range() {
         let mut plan = PortPlan::new(40000, PortChoice::ClientFirst);
         assert_eq!(plan.port(), 40000);
-        // Taken (at bind or connect): once more, with a port the kernel picks.
+        // Taken (at bind or connect): another, from the dial range.
         assert!(plan.in_use());
-        assert_eq!(plan.port(), 0);
-        // The kernel may pick the very port that was taken at connect: not that one.
-        assert_eq!(plan.picked(40000), Pick::Again);
-        assert_eq!(plan.picked(40001), Pick::Keep);
-        // Only one retry after a port in use.
-        assert!(!plan.in_use());
+        assert!(DIAL_PORTS.contains(&plan.port()), "{}", plan.port());
     }
 
     #[test]
-    fn plaintext_never_keeps_the_clients_port_and_gives_up_after_a_few_picks() {
-        let mut plan = PortPlan::new(40000, PortChoice::NotClients);
-        assert_eq!(plan.port(), 0);
-        assert_eq!(plan.picked(51000), Pick::Keep);
-        for _ in 1..MAX_PICKS {
-            assert_eq!(plan.picked(40000), Pick::Again);
-        }
-        assert_eq!(plan.picked(40000), Pick::GiveUp);
-        // Another port is still fine.
-        assert_eq!(plan.picked(40002), Pick::Keep);
-        assert!(plan.in_use());
-        assert_eq!(plan.port(), 0);
-        assert!(!plan.in_use());
-    }
-
-    #[test]
-    fn an_unknown_client_port_is_a_kernel_pick_with_nothing_to_avoid() {
-        for choice in [PortChoice::ClientFirst, PortChoice::NotClients] {
-            let mut plan = PortPlan::new(0, choice);
-            assert_eq!(plan.port(), 0);
-            for port in [1, 40000, 65535] {
-                assert_eq!(plan.picked(port), Pick::Keep);
+    fn plaintext_takes_dial_range_ports_never_the_clients() {
+        for client_port in [*DIAL_PORTS.start(), 25000, *DIAL_PORTS.end(), 40000] {
+            for _ in 0..2000 {
+                let plan = PortPlan::new(client_port, PortChoice::NotClients);
+                assert!(DIAL_PORTS.contains(&plan.port()));
+                assert_ne!(plan.port(), client_port);
             }
         }
+        // An unknown client port: anything in the range.
+        assert!(DIAL_PORTS.contains(&PortPlan::new(0, PortChoice::ClientFirst).port()));
+    }
+
+    #[test]
+    fn picks_spread_over_the_range() {
+        let picks: std::collections::HashSet<u16> = (0..200).map(|i| pick(0, i)).collect();
+        assert!(
+            picks.len() > 150,
+            "only {} distinct ports in 200 picks",
+            picks.len()
+        );
     }
 
     #[test]
     fn every_dial_is_bounded_in_attempts() {
-        // The longest way through a plan: the client's port taken, then the client's port
-        // picked until the plan gives up; it fits the loop's bound.
         let mut plan = PortPlan::new(40000, PortChoice::ClientFirst);
         let mut attempts = 1;
-        assert!(plan.in_use());
-        loop {
+        while plan.in_use() {
             attempts += 1;
-            match plan.picked(40000) {
-                Pick::Again => continue,
-                Pick::GiveUp => break,
-                Pick::Keep => unreachable!(),
-            }
+            assert!(attempts <= MAX_ATTEMPTS + 1, "unbounded");
         }
-        assert!(attempts <= MAX_ATTEMPTS, "{attempts} > {MAX_ATTEMPTS}");
+        assert_eq!(attempts, MAX_ATTEMPTS);
     }
 
     #[test]
