@@ -105,6 +105,72 @@ impl Capture {
     }
 }
 
+/// Keeps the node's probe SNAT (iptables) equal to the captured addresses on a thread of its
+/// own: each sync runs `iptables-save` and `iptables-restore` per family, tens of milliseconds
+/// a pod's CNI ADD must not wait for on the event loop. The thread applies the latest set it
+/// was given (older ones are skipped) and ends when the agent drops this.
+struct SnatSyncer {
+    sent: Option<Vec<std::net::IpAddr>>,
+    tx: Sender<Vec<std::net::IpAddr>>,
+    /// The last sync's failure, if it failed.
+    failed: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl SnatSyncer {
+    fn start(node_netns: &Path) -> std::io::Result<Self> {
+        let netns = Netns::open(node_netns)?;
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<std::net::IpAddr>>();
+        let failed = Arc::new(std::sync::Mutex::new(None));
+        let report = failed.clone();
+        std::thread::Builder::new()
+            .name("probe-snat".into())
+            .spawn(move || {
+                while let Ok(mut addrs) = rx.recv() {
+                    // Only the newest set matters.
+                    while let Ok(newer) = rx.try_recv() {
+                        addrs = newer;
+                    }
+                    let outcome = sluice_capture::node::sync_probe_snat(&netns, &addrs);
+                    let failure = match outcome {
+                        Ok(()) => {
+                            debug!(addrs = addrs.len(), "node probe SNAT synced");
+                            None
+                        }
+                        Err(e) => {
+                            error!(error = %e, "cannot sync the node's probe SNAT");
+                            Some(e.to_string())
+                        }
+                    };
+                    *report
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = failure;
+                }
+            })?;
+        Ok(Self {
+            sent: None,
+            tx,
+            failed,
+        })
+    }
+
+    /// Asks for `addrs` (nothing is sent when it is what was asked last).
+    fn want(&mut self, addrs: Vec<std::net::IpAddr>) {
+        if self.sent.as_ref() == Some(&addrs) {
+            return;
+        }
+        if self.tx.send(addrs.clone()).is_ok() {
+            self.sent = Some(addrs);
+        }
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
 /// A pod whose capture is in place.
 struct Captured {
     uid: PodUid,
@@ -144,8 +210,8 @@ pub struct Node {
     proxy_cgroup_attached: Option<PathBuf>,
     /// Why the node's probes are not exempted right now (`None`: they are, or not asked for).
     node_probes: Option<String>,
-    /// The captured addresses the node's probe SNAT (iptables) was last synced to.
-    probe_snat: Option<Vec<std::net::IpAddr>>,
+    /// The node's probe SNAT (iptables), synced off the event loop.
+    probe_snat: Option<SnatSyncer>,
     waiters: Vec<Waiter>,
     /// CNI requests that came before the first world.
     deferred: Vec<(Request, Sender<Reply>)>,
@@ -694,6 +760,12 @@ impl Node {
         if self.cfg.node_cgroup.is_none() {
             return;
         }
+        // A failed SNAT sync is tried again with the next turn's set.
+        if let Some(syncer) = &mut self.probe_snat
+            && syncer.failure().is_some()
+        {
+            syncer.sent = None;
+        }
         if self.node_probes.is_some() {
             self.setup_node_probes();
             return;
@@ -718,19 +790,18 @@ impl Node {
             .collect();
         addrs.sort();
         addrs.dedup();
-        if self.probe_snat.as_ref() == Some(&addrs) {
-            return;
+        if self.probe_snat.is_none() {
+            match SnatSyncer::start(self.cfg.node_netns.path()) {
+                Ok(syncer) => self.probe_snat = Some(syncer),
+                Err(e) => {
+                    self.node_probes = Some(format!("open the node's netns: {e}"));
+                    return;
+                }
+            }
         }
-        match sluice_capture::node::sync_probe_snat(&self.cfg.node_netns, &addrs) {
-            Ok(()) => {
-                debug!(addrs = addrs.len(), "node probe SNAT synced");
-                self.probe_snat = Some(addrs);
-                self.node_probes = None;
-            }
-            Err(e) => {
-                error!(error = %e, "cannot sync the node's probe SNAT");
-                self.node_probes = Some(e.to_string());
-            }
+        if let Some(syncer) = &mut self.probe_snat {
+            syncer.want(addrs);
+            self.node_probes = syncer.failure();
         }
     }
 
