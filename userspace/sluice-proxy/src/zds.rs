@@ -68,26 +68,40 @@ pub fn spawn(
     stats: Arc<Stats>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = FIRST_RETRY;
         loop {
-            match session(&path, &commands, &connected, &stats) {
+            let mut established = false;
+            match session(&path, &commands, &connected, &stats, &mut established) {
                 Ok(()) => return, // the runtime is gone: the proxy is stopping
                 Err(e) => {
                     warn!(socket = %path.display(), error = %e, "ZDS session ended; reconnecting")
                 }
             }
+            // A session that got going starts the backoff over: a restarted agent is found
+            // within a second, however long an earlier outage was.
+            if established {
+                backoff = FIRST_RETRY;
+            }
             std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(MAX_RETRY);
         }
     })
 }
 
-/// One connection's worth of requests. `Ok` only when the runtime has shut down.
+/// The first wait before reconnecting to the agent, doubled per failure up to [`MAX_RETRY`]:
+/// connecting to a local socket is cheap, and while the agent is away new pods wait for it, so
+/// the proxy retries often.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const MAX_RETRY: Duration = Duration::from_secs(1);
+
+/// One connection's worth of requests. `Ok` only when the runtime has shut down; `established`
+/// says whether the hello went through.
 fn session(
     path: &Path,
     commands: &mpsc::Sender<Command>,
     connected: &mpsc::UnboundedSender<()>,
     stats: &Stats,
+    established: &mut bool,
 ) -> Result<(), ZdsError> {
     let channel = Channel::connect(path)?;
     // For a connected socket SO_PEERCRED names whoever called listen(2): the agent is root.
@@ -106,6 +120,7 @@ fn session(
         None,
     )?;
     info!(socket = %path.display(), "connected to the agent");
+    *established = true;
     let _ = connected.send(());
     let mut snapshot: HashSet<PodUid> = HashSet::new();
     loop {

@@ -98,6 +98,10 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    // A closed pipe ends the process quietly, as for any command-line tool
+    // (`sluice-load --status | head` must not panic on EPIPE).
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
