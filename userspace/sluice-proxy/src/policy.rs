@@ -79,6 +79,17 @@ impl IpBlock {
         if prefix > max {
             return Err(bad());
         }
+        // An IPv4-mapped block (`::ffff:10.1.0.0/112`) means those IPv4 addresses: sources are
+        // matched in their IPv4 form, so the block is kept in it too.
+        if let IpAddr::V6(v6) = addr
+            && let Some(v4) = v6.to_ipv4_mapped()
+            && prefix >= 96
+        {
+            return Ok(Self {
+                addr: IpAddr::V4(v4),
+                prefix: prefix - 96,
+            });
+        }
         Ok(Self { addr, prefix })
     }
 

@@ -173,6 +173,16 @@ pub(super) fn read_object(
     let name = object.metadata.name.clone();
     let namespace = object.metadata.namespace.clone();
     match object.kind.as_str() {
+        // Bound to gateways or waypoints, not to workloads: ztunnel does not enforce these,
+        // and neither does sluice (reading it as a workload policy would be wrong either way).
+        "AuthorizationPolicy"
+            if object.spec.get("targetRefs").is_some()
+                || object.spec.get("targetRef").is_some() =>
+        {
+            warnings.push(format!(
+                "{id}: applies to gateways or waypoints (targetRefs), not to workloads; ignored, as ztunnel does"
+            ));
+        }
         "AuthorizationPolicy" => {
             let policy = match authorization(&name, &namespace, object.spec, &id, warnings) {
                 Ok(policy) => policy,

@@ -690,3 +690,69 @@ fn ip_blocks_parse_and_contain() {
         assert!(IpBlock::parse(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn ipv4_mapped_blocks_match_their_ipv4_sources() {
+    let (p, warnings) = read(
+        r#"
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: mapped, namespace: shop}
+  spec:
+    rules:
+      - from: [{source: {ipBlocks: ["::ffff:10.1.0.0/112", "::ffff:192.168.7.7"], notIpBlocks: ["::ffff:10.1.9.0/120"]}}]
+"#,
+    );
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let w = Case::new("shop", &[]);
+    let ok = |src: &str| allowed(&decide(&p, &w, None, src, 80));
+    assert!(ok("10.1.2.3"), "a mapped /112 is the IPv4 /16");
+    assert!(ok("::ffff:10.1.2.3"));
+    assert!(ok("192.168.7.7"), "a mapped address is that IPv4 address");
+    assert!(
+        !ok("10.1.9.9"),
+        "a mapped notIpBlocks excludes its IPv4 addresses"
+    );
+    assert!(!ok("10.2.0.1"));
+    assert!(!ok("fd00::1"));
+}
+
+#[test]
+fn gateway_and_waypoint_policies_are_ignored_by_name_not_failed_closed() {
+    let (p, warnings) = read(
+        r#"
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: at-the-gateway, namespace: shop}
+  spec:
+    targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: web}]
+    action: DENY
+    rules: [{to: [{operation: {paths: ["/admin"]}}]}]
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: at-the-waypoint, namespace: istio-system}
+  spec:
+    targetRef: {kind: Service, group: "", name: reviews}
+    action: ALLOW
+"#,
+    );
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    for name in ["shop/at-the-gateway", "istio-system/at-the-waypoint"] {
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains(name) && w.contains("targetRefs") && w.contains("ignored")),
+            "{name} is named: {warnings:?}"
+        );
+    }
+    // Neither denies its namespace nor (in istio-system) the whole mesh.
+    let w = Case::new("shop", &[]);
+    assert!(allowed(&decide(&p, &w, None, "10.0.0.1", 80)));
+    assert!(allowed(&decide(
+        &p,
+        &w,
+        Some(&id("shop", "cart")),
+        "10.0.0.1",
+        80
+    )));
+}
