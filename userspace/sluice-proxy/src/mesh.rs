@@ -127,6 +127,15 @@ impl Mesh {
         };
         // serde_yaml's messages end with "at line L column C".
         let file: File = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        for (i, object) in file.policies.iter().enumerate() {
+            if let Err(why) = classify(object) {
+                // Skipping it would be worse than refusing the file: a DENY with a typo in its
+                // kind would silently open the door. The last good mesh stays in force.
+                return Err(invalid(format!(
+                    "policies[{i}]: {why}; the file is refused (a policy skipped could be a DENY)"
+                )));
+            }
+        }
         let (policies, policy_warnings) = Policies::read(&file.policies);
         let mut mesh = Mesh {
             trust_domain: file.trust_domain.clone(),
@@ -273,6 +282,36 @@ impl Mesh {
 }
 
 /// "line N" of the first line that mentions `needle`, for errors the parser cannot place.
+/// Whether a policy object of the file says what it is: an Istio security object of a kind
+/// sluice enforces, with a name. A spec it cannot read fails closed in its own scope later;
+/// this is only about objects that have no scope to fail closed in.
+fn classify(object: &serde_yaml::Value) -> Result<(), String> {
+    let text = |key: &str| object.get(key).and_then(serde_yaml::Value::as_str);
+    let api_version = text("apiVersion").ok_or("no apiVersion")?;
+    if !api_version.starts_with("security.istio.io/") {
+        return Err(format!(
+            "apiVersion {api_version:?} is not security.istio.io/…"
+        ));
+    }
+    match text("kind").ok_or("no kind")? {
+        "AuthorizationPolicy" | "PeerAuthentication" => {}
+        other => {
+            return Err(format!(
+                "kind {other:?} is not AuthorizationPolicy or PeerAuthentication"
+            ));
+        }
+    }
+    let name = object
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(serde_yaml::Value::as_str)
+        .unwrap_or_default();
+    if name.is_empty() {
+        return Err("no metadata.name".to_owned());
+    }
+    Ok(())
+}
+
 fn line_hint(text: &str, needle: &str) -> String {
     if needle.is_empty() {
         return "line unknown".to_owned();
@@ -450,6 +489,47 @@ services:
 
     fn parse(text: &str) -> Result<Mesh, String> {
         Mesh::parse(Path::new("mesh.yaml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_policy_object_that_does_not_say_what_it_is_refuses_the_file() {
+        let with = |policy: &str| {
+            format!("trustDomain: cluster.local\nworkloads: []\npolicies:\n{policy}")
+        };
+        for (policy, says) in [
+            (
+                "  - {apiVersion: security.istio.io/v1, kind: AuthorisationPolicy, metadata: {name: deny-admin}, spec: {action: DENY}}\n",
+                "kind \"AuthorisationPolicy\"",
+            ),
+            (
+                "  - {apiVersion: networking.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: deny-admin}, spec: {action: DENY}}\n",
+                "apiVersion \"networking.istio.io/v1\"",
+            ),
+            (
+                "  - {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {namespace: shop}, spec: {action: DENY}}\n",
+                "no metadata.name",
+            ),
+            (
+                "  - {kind: AuthorizationPolicy, metadata: {name: x}}\n",
+                "no apiVersion",
+            ),
+            ("  - just a string\n", "no apiVersion"),
+        ] {
+            let err = parse(&with(policy))
+                .err()
+                .unwrap_or_else(|| panic!("accepted {policy}"));
+            assert!(
+                err.contains("policies[0]") && err.contains(says) && err.contains("refused"),
+                "{err}"
+            );
+        }
+        // A well-formed object whose spec cannot be read is not refused here: it fails closed
+        // in its own scope (see the policy tests).
+        let mesh = parse(&with(
+            "  - {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: odd, namespace: shop}, spec: {action: MAYBE}}\n",
+        ))
+        .unwrap();
+        assert_eq!(mesh.policy_warnings.len(), 1, "{:?}", mesh.policy_warnings);
     }
 
     #[test]
