@@ -277,6 +277,31 @@ impl Cluster {
             ns.exec(&["ip", "-6", "addr", "add", &cidr6, "dev", &inside, "nodad"])?;
             let gateway6 = subnet_ip6(spec.node, 1).to_string();
             ns.exec(&["ip", "-6", "route", "add", "default", "via", &gateway6])?;
+            // The node ties each pod address to that pod's interface, as a real CNI does
+            // (static neighbours here): a pod that claims a neighbour's address cannot take
+            // its traffic by answering or sending neighbour discovery for it.
+            let link = ns.output(&["ip", "-o", "link", "show", "dev", &inside])?;
+            let mac = link
+                .split_whitespace()
+                .skip_while(|w| *w != "link/ether")
+                .nth(1)
+                .with_context(|| format!("no MAC address in {link:?}"))?
+                .to_owned();
+            let mac = mac.as_str();
+            for addr in [ip.to_string(), ip6.to_string()] {
+                node.exec(&[
+                    "ip",
+                    "neigh",
+                    "replace",
+                    &addr,
+                    "lladdr",
+                    mac,
+                    "dev",
+                    "br0",
+                    "nud",
+                    "permanent",
+                ])?;
+            }
             let cgroup = CgroupGuard::new(&format!("sluice-{id}-{}", spec.name))?;
             let uid = PodUid::parse(&format!("{}-{id}", spec.name))?;
             let mut capture = PodCapture::new(uid.clone(), ns.path());
