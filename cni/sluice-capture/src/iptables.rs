@@ -289,7 +289,8 @@ impl Redirector for IptablesCapture {
     }
 }
 
-fn run(
+/// Runs `program` inside `netns` (stdin fed from `stdin`), failing with its stderr.
+pub(crate) fn run(
     netns: &Netns,
     program: &str,
     args: &[&str],

@@ -12,9 +12,7 @@
 //!
 //! Everything runs in the node's netns, given as a [`Netns`] (the agent's own on a real node).
 
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::process::Stdio;
 
 use sluice_common::PROBE_SOURCE_V4;
 #[cfg(test)]
@@ -180,37 +178,12 @@ fn snat_rules(addrs: &[IpAddr], v6: bool, add_jump: bool) -> String {
 }
 
 fn output(node: &Netns, program: &str, args: &[&str]) -> Result<String, CaptureError> {
-    input(node, program, args, "")
+    crate::iptables::run(node, program, args, None)
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn input(node: &Netns, program: &str, args: &[&str], stdin: &str) -> Result<String, CaptureError> {
-    let failed = |stderr: String| CaptureError::Command {
-        command: format!("{program} {}", args.join(" ")),
-        netns: node.path().to_path_buf(),
-        stderr,
-    };
-    let mut child = node
-        .command(program)
-        .map_err(|e| failed(e.to_string()))?
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| failed(format!("cannot start {program}: {e}; is it installed?")))?;
-    if let Some(mut pipe) = child.stdin.take() {
-        pipe.write_all(stdin.as_bytes())
-            .map_err(|e| failed(e.to_string()))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| failed(e.to_string()))?;
-    if !out.status.success() {
-        return Err(failed(
-            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+fn input(node: &Netns, program: &str, args: &[&str], stdin: &str) -> Result<(), CaptureError> {
+    crate::iptables::run(node, program, args, Some(stdin)).map(drop)
 }
 
 #[cfg(test)]

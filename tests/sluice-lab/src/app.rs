@@ -240,26 +240,7 @@ pub fn run_http_get(place: &Placement, to: SocketAddr) -> Result<HttpOutcome> {
 
 /// HTTP server side, run by `sluice-lab app http-serve`: one request per connection.
 pub fn http_serve(addrs: &[SocketAddr]) -> Result<()> {
-    let listeners: Vec<TcpListener> = addrs
-        .iter()
-        .map(|a| TcpListener::bind(a).with_context(|| format!("bind {a}")))
-        .collect::<Result<_>>()?;
-    println!("listening");
-    std::io::stdout().flush()?;
-    let mut threads = Vec::new();
-    for listener in listeners {
-        threads.push(std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                std::thread::spawn(move || {
-                    let _ = answer_http(stream);
-                });
-            }
-        }));
-    }
-    for t in threads {
-        let _ = t.join();
-    }
-    Ok(())
+    serve_each(addrs, answer_http)
 }
 
 fn answer_http(mut stream: TcpStream) -> std::io::Result<()> {
@@ -329,6 +310,11 @@ pub fn http_get(to: SocketAddr) -> HttpOutcome {
 /// Server side, run by `sluice-lab app serve`.
 pub fn serve(addrs: &[SocketAddr]) -> Result<()> {
     raise_nofile();
+    serve_each(addrs, echo)
+}
+
+/// Listens on `addrs`, says so on stdout, and runs `handle` on a thread per connection.
+fn serve_each(addrs: &[SocketAddr], handle: fn(TcpStream) -> std::io::Result<()>) -> Result<()> {
     let listeners: Vec<TcpListener> = addrs
         .iter()
         .map(|a| TcpListener::bind(a).with_context(|| format!("bind {a}")))
@@ -340,7 +326,7 @@ pub fn serve(addrs: &[SocketAddr]) -> Result<()> {
         threads.push(std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 std::thread::spawn(move || {
-                    let _ = echo(stream);
+                    let _ = handle(stream);
                 });
             }
         }));
