@@ -98,6 +98,8 @@ pub struct Endpoints {
     pub readiness: Arc<Readiness>,
     pub served: Arc<Mutex<BTreeSet<String>>>,
     pub set_log_level: SetLogLevel,
+    /// The node's connection bounds: what they refused and what is held now.
+    pub admission: Arc<crate::limits::Admission>,
 }
 
 struct Response {
@@ -276,6 +278,24 @@ impl Endpoints {
                     ("peer_not_root", z.peer_not_root.load(Relaxed)),
                     ("node_netns", z.node_netns.load(Relaxed)),
                 ],
+            );
+        }
+        counter_family(
+            &mut out,
+            "sluice_limits_total",
+            "Connections refused at a bound and deadlines hit, by which.",
+            "outcome",
+            &self.admission.stats.snapshot(),
+        );
+        {
+            use std::fmt::Write as _;
+            let (held, handshakes) = self.admission.held();
+            let _ = writeln!(
+                out,
+                "# HELP sluice_connections_held Connections the proxy holds now (all listeners).\n\
+                 # TYPE sluice_connections_held gauge\nsluice_connections_held {held}\n\
+                 # HELP sluice_hbone_handshakes_in_flight 15008 connections still in their handshake.\n\
+                 # TYPE sluice_hbone_handshakes_in_flight gauge\nsluice_hbone_handshakes_in_flight {handshakes}"
             );
         }
         counter_family(

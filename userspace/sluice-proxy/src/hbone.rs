@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{debug, info};
 
 use crate::identity::Identity;
+use crate::limits::{Admission, Limits};
 use crate::socket::AppStream;
 
 /// Flow-control windows and stream limit of DESIGN §6.
@@ -270,36 +271,132 @@ pub fn server_builder() -> h2::server::Builder {
     builder
 }
 
-/// Terminates mutual TLS on an accepted 15008 connection, reads the client's identity and
-/// serves the connection if that identity belongs to `trust_domain`. Failures are counted and
-/// close the connection.
+/// What a pod's 15008 listener serves with: its certificate, the mesh it admits, the node's
+/// counters and admission control.
+pub struct Listener {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub trust_domain: String,
+    pub stats: Arc<ServerStats>,
+    pub admission: Arc<Admission>,
+}
+
+/// Why a 15008 connection never got to its first stream.
+enum Unserved {
+    NoLocalAddress(io::Error),
+    Tls(io::Error),
+    NotOfThisMesh(Option<Identity>),
+    Http2(h2::Error),
+}
+
+/// Serves an accepted 15008 connection:
+/// 1. admission: the source's and the node's bounds on connections and on handshakes in
+///    flight (refused: reset at once, counted);
+/// 2. within [`Limits::handshake_timeout`], all of: mutual TLS, the client's identity (of
+///    `trust_domain`), the HTTP/2 preface and settings. A peer that dawdles is closed and
+///    counted (`handshake_timeout`), so unauthenticated connections cannot pile up;
+/// 3. [`serve_connection`]: streams until the client closes the connection, the pod drains,
+///    it sits idle too long or stops answering PINGs.
 pub async fn accept(
     tcp: tokio::net::TcpStream,
-    acceptor: tokio_rustls::TlsAcceptor,
-    trust_domain: &str,
+    listener: Arc<Listener>,
     inbound: Arc<impl Inbound>,
-    stats: Arc<ServerStats>,
     drain: tokio::sync::watch::Receiver<bool>,
 ) {
-    let remote = tcp.peer_addr().ok();
+    let remote = match tcp.peer_addr() {
+        Ok(remote) => crate::socket::canonical(remote),
+        Err(e) => {
+            debug!(error = %e, "HBONE connection gone before it was served");
+            return;
+        }
+    };
+    let mut permit = match listener.admission.admit(remote.ip(), true) {
+        Ok(permit) => permit,
+        Err(refused) => {
+            debug!(%remote, reason = refused.reason(), "HBONE connection refused");
+            // RST, not FIN: nothing lingers in TIME_WAIT on our side for a flood.
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+            return;
+        }
+    };
+    let limits = listener.admission.limits().clone();
+    crate::limits::tune_hbone_socket(&tcp, &limits);
+    let stats = &listener.stats;
+    let handshake = tokio::time::timeout(
+        limits.handshake_timeout,
+        handshake(tcp, &listener.acceptor, &listener.trust_domain),
+    )
+    .await;
+    permit.handshake_done();
+    let (conn, peer, local) = match handshake {
+        Ok(Ok(done)) => done,
+        Ok(Err(unserved)) => {
+            match unserved {
+                Unserved::NoLocalAddress(e) => {
+                    stats.not_local.fetch_add(1, Ordering::Relaxed);
+                    info!(%remote, error = %e, "HBONE connection without a local address; closed");
+                }
+                Unserved::Tls(e) => {
+                    stats.handshake_failed.fetch_add(1, Ordering::Relaxed);
+                    info!(%remote, error = %e, "HBONE TLS handshake failed");
+                }
+                Unserved::NotOfThisMesh(identity) => {
+                    stats.bad_identity.fetch_add(1, Ordering::Relaxed);
+                    info!(%remote, identity = ?identity.map(|p| p.to_string()), trust_domain = listener.trust_domain, "HBONE client is not of this mesh");
+                }
+                Unserved::Http2(e) => {
+                    stats.handshake_failed.fetch_add(1, Ordering::Relaxed);
+                    info!(%remote, error = %e, "HBONE HTTP/2 handshake failed");
+                }
+            }
+            return;
+        }
+        Err(_) => {
+            listener
+                .admission
+                .stats
+                .handshake_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            info!(%remote, deadline = ?limits.handshake_timeout, "HBONE handshake not done in time; closed");
+            return;
+        }
+    };
+    stats.connections.fetch_add(1, Ordering::Relaxed);
+    let bounds = ConnectionBounds {
+        limits,
+        counters: Some(listener.admission.clone()),
+    };
+    serve_connection(
+        conn,
+        peer,
+        (remote.ip(), local),
+        inbound,
+        stats.clone(),
+        drain,
+        bounds,
+    )
+    .await;
+    drop(permit);
+}
+
+/// Mutual TLS, the peer's identity, and the HTTP/2 handshake of one 15008 connection.
+async fn handshake(
+    tcp: tokio::net::TcpStream,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    trust_domain: &str,
+) -> Result<
+    (
+        h2::server::Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Bytes>,
+        Identity,
+        SocketAddr,
+    ),
+    Unserved,
+> {
     // The address the client dialled: the only one its streams may name as their target.
-    let local = match tcp.local_addr() {
-        Ok(local) => crate::socket::canonical(local),
-        Err(e) => {
-            stats.not_local.fetch_add(1, Ordering::Relaxed);
-            info!(remote = ?remote, error = %e, "HBONE connection without a local address; closed");
-            return;
-        }
-    };
-    let _ = tcp.set_nodelay(true);
-    let mut tls = match acceptor.accept(tcp).await {
-        Ok(tls) => tls,
-        Err(e) => {
-            stats.handshake_failed.fetch_add(1, Ordering::Relaxed);
-            info!(remote = ?remote, error = %e, "HBONE TLS handshake failed");
-            return;
-        }
-    };
+    let local = tcp
+        .local_addr()
+        .map(crate::socket::canonical)
+        .map_err(Unserved::NoLocalAddress)?;
+    let mut tls = acceptor.accept(tcp).await.map_err(Unserved::Tls)?;
     tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
     let peer = tls
         .get_ref()
@@ -307,45 +404,91 @@ pub async fn accept(
         .peer_certificates()
         .and_then(|chain| chain.first())
         .and_then(crate::tls::peer_identity);
-    match peer {
-        Some(peer) if peer.trust_domain == trust_domain => {
-            let source = remote.map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |r| {
-                crate::socket::canonical(r).ip()
-            });
-            serve(tls, peer, (source, local), inbound, stats, drain).await
-        }
-        other => {
-            stats.bad_identity.fetch_add(1, Ordering::Relaxed);
-            info!(remote = ?remote, identity = ?other.map(|p| p.to_string()), trust_domain, "HBONE client is not of this mesh");
-        }
-    }
+    let peer = match peer {
+        Some(peer) if peer.trust_domain == trust_domain => peer,
+        other => return Err(Unserved::NotOfThisMesh(other)),
+    };
+    let conn = server_builder()
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(Unserved::Http2)?;
+    Ok((conn, peer, local))
+}
+
+/// How long an established HBONE connection may idle or go unanswered, and where those
+/// closes are counted.
+pub struct ConnectionBounds {
+    pub limits: Limits,
+    pub counters: Option<Arc<Admission>>,
 }
 
 /// Serves one authenticated HBONE connection from `peer` at `source` that arrived on `local`
-/// until the client closes it. Each stream runs on its own task; errors close the stream and
-/// are counted, never panic.
-///
-/// When `drain` turns true the connection sends GOAWAY: the client opens no new stream on it,
-/// the streams already open run to their end, and then the connection closes.
+/// until the client closes it, with the default bounds (see [`serve_connection`]). The
+/// HTTP/2 handshake is done here; [`accept`] does it under its deadline instead.
 pub async fn serve<IO, I>(
     io: IO,
     peer: Identity,
-    (source, local): (IpAddr, SocketAddr),
+    addrs: (IpAddr, SocketAddr),
     inbound: Arc<I>,
     stats: Arc<ServerStats>,
-    mut drain: tokio::sync::watch::Receiver<bool>,
+    drain: tokio::sync::watch::Receiver<bool>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     I: Inbound,
 {
     stats.connections.fetch_add(1, Ordering::Relaxed);
-    let mut conn = match server_builder().handshake::<_, Bytes>(io).await {
+    let conn = match server_builder().handshake::<_, Bytes>(io).await {
         Ok(conn) => conn,
         Err(e) => {
             debug!(peer = %peer, error = %e, "HTTP/2 handshake failed");
             return;
         }
     };
+    let bounds = ConnectionBounds {
+        limits: Limits::default(),
+        counters: None,
+    };
+    serve_connection(conn, peer, addrs, inbound, stats, drain, bounds).await;
+}
+
+/// Serves the streams of one HBONE connection. Each stream runs on its own task; errors close
+/// the stream and are counted, never panic.
+///
+/// When `drain` turns true the connection sends GOAWAY: the client opens no new stream on it,
+/// the streams already open run to their end, and then the connection closes. The same
+/// happens once it has carried no stream for the idle timeout. A PING unanswered within the
+/// keepalive timeout closes it at once (the peer is gone; its streams with it).
+pub async fn serve_connection<IO, I>(
+    mut conn: h2::server::Connection<IO, Bytes>,
+    peer: Identity,
+    (source, local): (IpAddr, SocketAddr),
+    inbound: Arc<I>,
+    stats: Arc<ServerStats>,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+    bounds: ConnectionBounds,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: Inbound,
+{
+    let limits = &bounds.limits;
+    let count = |pick: fn(&crate::limits::LimitStats) -> &AtomicU64| {
+        if let Some(admission) = &bounds.counters {
+            pick(&admission.stats).fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    let keepalive = match conn.ping_pong() {
+        Some(ping_pong) => futures::future::Either::Left(crate::limits::keepalive(
+            ping_pong,
+            limits.keepalive_interval,
+            limits.keepalive_timeout,
+        )),
+        None => futures::future::Either::Right(std::future::pending()),
+    };
+    tokio::pin!(keepalive);
+    // Idle is checked a few times per timeout: a connection closes between 1 and 1.25 idle
+    // timeouts after its last stream.
+    let idle_tick = (limits.server_idle_timeout / 4).max(std::time::Duration::from_millis(10));
+    let mut idle_since = Some(tokio::time::Instant::now());
     let peer = Arc::new(peer);
     let mut draining = false;
     loop {
@@ -357,6 +500,25 @@ pub async fn serve<IO, I>(
                 draining = true;
                 continue;
             }
+            () = tokio::time::sleep(idle_tick), if !draining => {
+                if conn.has_streams() {
+                    idle_since = None;
+                } else {
+                    let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= limits.server_idle_timeout {
+                        count(|s| &s.idle_closed);
+                        debug!(peer = %peer, "no stream for the idle timeout: GOAWAY");
+                        conn.graceful_shutdown();
+                        draining = true;
+                    }
+                }
+                continue;
+            }
+            () = &mut keepalive => {
+                count(|s| &s.keepalive_failed);
+                info!(peer = %peer, %source, "HBONE peer stopped answering PINGs; connection closed");
+                break;
+            }
         };
         let (request, respond) = match accepted {
             Some(Ok(stream)) => stream,
@@ -366,6 +528,7 @@ pub async fn serve<IO, I>(
             }
             None => break,
         };
+        idle_since = None;
         stats.streams.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(serve_stream(
             request,

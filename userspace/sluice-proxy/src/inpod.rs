@@ -32,6 +32,7 @@ use crate::access::Access;
 use crate::copy::{self, CopyMode};
 use crate::hbone::{self, OpenError, ServerStats};
 use crate::identity::Identity;
+use crate::limits::Admission;
 use crate::mesh::{MeshWatch, Protocol};
 use crate::metrics::{Labels, UNKNOWN};
 use crate::policy::{Connection, MtlsMode, Target, Verdict};
@@ -126,6 +127,8 @@ pub struct Carry {
     pub preserve_source: bool,
     /// The pinned `SLUICE_PROXY_DIALS` under eBPF capture; `None` under iptables.
     pub proxy_dials: Option<Arc<ProxyDials>>,
+    /// The node's bounds on connections and their deadlines, shared by every pod.
+    pub admission: Arc<Admission>,
 }
 
 /// How a pod's apps are dialled: from inside the pod's netns, from the client's address when
@@ -164,12 +167,17 @@ struct PodMesh {
     pool: Arc<Pool<TlsDialer>>,
 }
 
-/// TCP for a pod's HBONE connections, made in the pod's netns (they leave with its address).
-struct PodTcp(Arc<Netns>);
+/// TCP for a pod's HBONE connections, made in the pod's netns (they leave with its address),
+/// with keepalive and `TCP_USER_TIMEOUT` so a peer that vanished is noticed.
+struct PodTcp(Arc<Netns>, Arc<Admission>);
 
 impl TcpConnect for PodTcp {
     fn connect(&self, addr: SocketAddr) -> BoxFuture<'_, std::io::Result<TcpStream>> {
-        Box::pin(socket::connect_in(&self.0, addr))
+        Box::pin(async move {
+            let tcp = socket::connect_in(&self.0, addr).await?;
+            crate::limits::tune_hbone_socket(&tcp, self.1.limits());
+            Ok(tcp)
+        })
     }
 }
 
@@ -291,6 +299,7 @@ struct PodContext {
     app: Arc<AppDialer>,
     copy: CopyMode,
     stats: Arc<Stats>,
+    admission: Arc<Admission>,
     mesh: Option<Arc<MeshContext>>,
     pod_mesh: Option<PodMesh>,
 }
@@ -377,12 +386,16 @@ impl PodProxy {
                         let identity = &identity;
                         let hbone = socket::listen_in(&netns, socket::hbone_any_v6(), true)
                             .with_context(|| format!("listen on :{PORT_HBONE} in {}", where_()))?;
-                        let acceptor = tokio_rustls::TlsAcceptor::from(
-                            shared
-                                .certs
-                                .server_config(identity)
-                                .with_context(|| format!("TLS for {identity} of {}", where_()))?,
-                        );
+                        let listener = Arc::new(hbone::Listener {
+                            acceptor: tokio_rustls::TlsAcceptor::from(
+                                shared.certs.server_config(identity).with_context(|| {
+                                    format!("TLS for {identity} of {}", where_())
+                                })?,
+                            ),
+                            trust_domain: current.trust_domain.clone(),
+                            stats: shared.hbone.clone(),
+                            admission: carry.admission.clone(),
+                        });
                         let inbound = Arc::new(PodInbound {
                             uid: uid.clone(),
                             identity: identity.clone(),
@@ -393,23 +406,22 @@ impl PodProxy {
                         });
                         accept_loops.spawn(hbone_accept_loop(
                             hbone,
-                            acceptor,
-                            current.trust_domain.clone(),
+                            listener,
                             inbound,
-                            shared.hbone.clone(),
                             Lifecycle {
                                 closing: closing.subscribe(),
                                 draining: draining.subscribe(),
                                 active: active.clone(),
                             },
                         ));
-                        let pool = Pool::counting_into(
+                        let pool = Pool::for_node(
                             TlsDialer {
                                 store: shared.certs.clone(),
-                                tcp: Arc::new(PodTcp(netns.clone())),
+                                tcp: Arc::new(PodTcp(netns.clone(), carry.admission.clone())),
                             },
                             shared.idle_timeout,
                             stats.pool_handshakes.clone(),
+                            carry.admission.clone(),
                         );
                         info!(pod = %uid, identity = %identity, "pod meshed: HBONE on {PORT_HBONE}");
                         Some(PodMesh {
@@ -429,6 +441,7 @@ impl PodProxy {
             app,
             copy: carry.copy,
             stats,
+            admission: carry.admission.clone(),
             mesh,
             pod_mesh,
         });
@@ -518,6 +531,15 @@ async fn accept_loop(
                 continue;
             }
         };
+        let permit = match ctx.admission.admit(peer.ip(), false) {
+            Ok(permit) => permit,
+            Err(refused) => {
+                debug!(pod = %ctx.uid, direction = direction.as_str(), src = %canonical(peer), reason = refused.reason(), "connection refused");
+                // RST: the client learns at once, and nothing lingers here.
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                continue;
+            }
+        };
         Stats::incr(&ctx.stats.accepted);
         let span = info_span!("conn", pod = %ctx.uid, direction = direction.as_str(), src = %canonical(peer));
         let mut closing = closing.clone();
@@ -525,7 +547,7 @@ async fn accept_loop(
         let open = Active::new(&active);
         tokio::spawn(
             async move {
-                let _open = open;
+                let _open = (open, permit);
                 tokio::select! {
                     () = serve(stream, direction, &ctx) => {}
                     _ = closing.wait_for(|c| *c) => debug!("pod stopped; connection closed"),
@@ -546,10 +568,8 @@ struct Lifecycle {
 /// Accepts HBONE connections for one pod; each runs until its client closes it or the pod stops.
 async fn hbone_accept_loop(
     listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    trust_domain: String,
+    server: Arc<hbone::Listener>,
     inbound: Arc<PodInbound>,
-    stats: Arc<ServerStats>,
     lifecycle: Lifecycle,
 ) {
     loop {
@@ -562,12 +582,7 @@ async fn hbone_accept_loop(
             }
         };
         let span = info_span!("hbone", pod = %inbound.uid, src = %canonical(peer));
-        let (acceptor, trust_domain, inbound, stats) = (
-            acceptor.clone(),
-            trust_domain.clone(),
-            inbound.clone(),
-            stats.clone(),
-        );
+        let (server, inbound) = (server.clone(), inbound.clone());
         let mut closing = lifecycle.closing.clone();
         let draining = lifecycle.draining.clone();
         let open = Active::new(&lifecycle.active);
@@ -575,7 +590,7 @@ async fn hbone_accept_loop(
             async move {
                 let _open = open;
                 tokio::select! {
-                    () = hbone::accept(tcp, acceptor, &trust_domain, inbound, stats, draining) => {}
+                    () = hbone::accept(tcp, server, inbound, draining) => {}
                     _ = closing.wait_for(|c| *c) => debug!("pod stopped; HBONE connection closed"),
                 }
             }
@@ -709,7 +724,17 @@ async fn serve_outbound_mesh(
                     destination: dst_identity.clone(),
                     addr: SocketAddr::new(target.ip(), PORT_HBONE),
                 };
-                match pod.pool.open(&key, target, source).await {
+                let opened = tokio::select! {
+                    opened = pod.pool.open(&key, target, source) => opened,
+                    () = client_gone(&client) => {
+                        // Dropping the open releases its stream slot, and its dial if it was
+                        // the one dialling (the next caller for that peer dials afresh).
+                        Stats::incr(&ctx.admission.stats.client_gone);
+                        debug!(dst = %dst, upstream = %target, "the client went away while its tunnel was being opened");
+                        return;
+                    }
+                };
+                match opened {
                     Ok(mut tunnel) => {
                         Stats::incr(&stats.tunnelled);
                         stats.tcp.opened(&labels);
@@ -769,6 +794,16 @@ async fn serve_outbound_mesh(
         return;
     }
     info!(target: "access", dst = %dst, service = plan.service.as_deref(), "connection refused: no upstream reachable");
+}
+
+/// Resolves when the captured client closes or resets its connection before sending
+/// anything; stays pending once it has sent data (the tunnel carries that, and a close after).
+async fn client_gone(client: &TcpStream) {
+    let mut byte = [0u8; 1];
+    match client.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
 }
 
 /// Istio's labels for a plaintext connection: inbound ones are reported by this (destination)

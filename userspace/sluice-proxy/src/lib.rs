@@ -14,6 +14,7 @@ pub mod hbone;
 pub mod identity;
 pub mod inpod;
 pub mod kube_policies;
+pub mod limits;
 pub mod mesh;
 pub mod metrics;
 pub mod policy;

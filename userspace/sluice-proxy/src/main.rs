@@ -17,6 +17,7 @@ use sluice_proxy::admin::{self, Endpoints, Port, Readiness};
 use sluice_proxy::copy::CopyMode;
 use sluice_proxy::hbone::ServerStats;
 use sluice_proxy::inpod::{Carry, HandedOver, MeshContext, PodProxy};
+use sluice_proxy::limits::{Admission, Limits};
 use sluice_proxy::mesh::MeshWatch;
 use sluice_proxy::route::Balancer;
 use sluice_proxy::stats::Stats;
@@ -100,6 +101,52 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:15000", env = "SLUICE_ADMIN_ADDR")]
     admin_addr: std::net::SocketAddr,
 
+    /// An HBONE connection's TLS + HTTP/2 handshake, on either side, must be done within this.
+    #[arg(long, default_value = "10s", value_parser = parse_bound, env = "SLUICE_HBONE_HANDSHAKE_TIMEOUT")]
+    hbone_handshake_timeout: std::time::Duration,
+
+    /// An outbound tunnel (a pooled connection or a new one, and the CONNECT's answer) must be
+    /// open within this, or the captured connection is closed.
+    #[arg(long, default_value = "15s", value_parser = parse_bound, env = "SLUICE_HBONE_CONNECT_TIMEOUT")]
+    hbone_connect_timeout: std::time::Duration,
+
+    /// A 15008 connection that has carried no stream for this long is closed (GOAWAY).
+    #[arg(long, default_value = "5m", value_parser = parse_bound, env = "SLUICE_HBONE_IDLE_TIMEOUT")]
+    hbone_idle_timeout: std::time::Duration,
+
+    /// A pooled outbound HBONE connection with no stream for this long is closed.
+    #[arg(long, default_value = "60s", value_parser = parse_bound, env = "SLUICE_POOL_IDLE_TIMEOUT")]
+    pool_idle_timeout: std::time::Duration,
+
+    /// HBONE connections PING their peer this often; one not answered within
+    /// --hbone-keepalive-timeout closes the connection.
+    #[arg(long, default_value = "30s", value_parser = parse_bound, env = "SLUICE_HBONE_KEEPALIVE_INTERVAL")]
+    hbone_keepalive_interval: std::time::Duration,
+
+    #[arg(long, default_value = "10s", value_parser = parse_bound, env = "SLUICE_HBONE_KEEPALIVE_TIMEOUT")]
+    hbone_keepalive_timeout: std::time::Duration,
+
+    /// TCP_USER_TIMEOUT (and the TCP keepalive idle time) of HBONE sockets.
+    #[arg(long, default_value = "30s", value_parser = parse_bound, env = "SLUICE_TCP_USER_TIMEOUT")]
+    tcp_user_timeout: std::time::Duration,
+
+    /// Connections the proxy holds at once, every pod and listener together; lowered to fit
+    /// the open-file limit.
+    #[arg(long, default_value_t = sluice_proxy::limits::DEFAULT_MAX_CONNECTIONS, value_parser = parse_count, env = "SLUICE_MAX_CONNECTIONS")]
+    max_connections: usize,
+
+    /// Connections one source address (a pod, or a peer) may hold at once.
+    #[arg(long, default_value_t = 4096, value_parser = parse_count, env = "SLUICE_MAX_CONNECTIONS_PER_SOURCE")]
+    max_connections_per_source: usize,
+
+    /// 15008 connections still in their handshake, node-wide.
+    #[arg(long, default_value_t = 1024, value_parser = parse_count, env = "SLUICE_MAX_HANDSHAKES")]
+    max_handshakes: usize,
+
+    /// 15008 connections of one source address still in their handshake.
+    #[arg(long, default_value_t = 64, value_parser = parse_count, env = "SLUICE_MAX_HANDSHAKES_PER_SOURCE")]
+    max_handshakes_per_source: usize,
+
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SLUICE_LOG_JSON")]
     log_json: bool,
@@ -130,6 +177,34 @@ fn parse_drain(arg: &str) -> Result<std::time::Duration, String> {
         return Err(format!("{arg:?}: at most 300s"));
     }
     Ok(std::time::Duration::from_secs(secs))
+}
+
+/// A bound on a number of connections: 1 .. 2^24.
+fn parse_count(arg: &str) -> Result<usize, String> {
+    match arg.parse::<usize>() {
+        Ok(n) if (1..=1 << 24).contains(&n) => Ok(n),
+        _ => Err(format!("{arg:?}: expected a count from 1 to 16777216")),
+    }
+}
+
+/// A deadline: `500ms`, `10s`, `5m`, `1h`; more than zero, at most a day.
+fn parse_bound(arg: &str) -> Result<std::time::Duration, String> {
+    let split = arg.find(|c: char| !c.is_ascii_digit()).unwrap_or(arg.len());
+    let (n, unit) = arg.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{arg:?}: expected a duration, e.g. 500ms, 10s or 5m"))?;
+    let millis = match unit {
+        "ms" => n,
+        "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        _ => return Err(format!("{arg:?}: the unit must be ms, s, m or h")),
+    };
+    if millis == 0 || millis > 86_400_000 {
+        return Err(format!("{arg:?}: must be more than 0 and at most 24h"));
+    }
+    Ok(std::time::Duration::from_millis(millis))
 }
 
 /// `90s`, `15m`, `24h`.
@@ -201,11 +276,12 @@ async fn run(args: Args, set_log_level: admin::SetLogLevel) -> Result<()> {
                 certs: CertStore::new(ca, args.cert_lifetime)?,
                 hbone: Arc::new(ServerStats::default()),
                 balancer: Balancer::default(),
-                idle_timeout: std::time::Duration::from_secs(60),
+                idle_timeout: args.pool_idle_timeout,
             }))
         }
         None => None,
     };
+    let admission = Admission::new(limits(&args));
     let readiness = Arc::new(Readiness::default());
     let served = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     let endpoints = Arc::new(Endpoints {
@@ -215,6 +291,7 @@ async fn run(args: Args, set_log_level: admin::SetLogLevel) -> Result<()> {
         readiness: readiness.clone(),
         served: served.clone(),
         set_log_level,
+        admission: admission.clone(),
     });
     let mut bound = Vec::new();
     for (addr, port) in [
@@ -231,7 +308,7 @@ async fn run(args: Args, set_log_level: admin::SetLogLevel) -> Result<()> {
         bound[0], bound[1], bound[2]
     );
     let mut sockets = InboundSocketMap::open(&args.pin_root)?;
-    let carry = carry(&args, sockets.is_some());
+    let carry = carry(&args, sockets.is_some(), admission.clone());
     let mut pods: HashMap<PodUid, PodProxy> = HashMap::new();
     for (uid, netns_path) in &args.pods {
         let netns = Netns::open(netns_path)
@@ -321,11 +398,12 @@ type PodEnv<'a> = (
 /// carrying the client's address must be registered in `SLUICE_PROXY_DIALS`, or sk_lookup
 /// steers it back to the proxy: without that map (a capture from before source preservation,
 /// or one this build cannot read), apps see the pod's address.
-fn carry(args: &Args, ebpf: bool) -> Carry {
+fn carry(args: &Args, ebpf: bool, admission: Arc<Admission>) -> Carry {
     let mut carry = Carry {
         copy: args.copy,
         preserve_source: args.preserve_source,
         proxy_dials: None,
+        admission,
     };
     if !(args.preserve_source && ebpf) {
         return carry;
@@ -353,6 +431,25 @@ fn carry(args: &Args, ebpf: bool) -> Carry {
         }
     }
     carry
+}
+
+/// The bounds the flags set, the node-wide one fitted under the open-file limit.
+fn limits(args: &Args) -> Limits {
+    let limits = Limits {
+        handshake_timeout: args.hbone_handshake_timeout,
+        connect_timeout: args.hbone_connect_timeout,
+        server_idle_timeout: args.hbone_idle_timeout,
+        keepalive_interval: args.hbone_keepalive_interval,
+        keepalive_timeout: args.hbone_keepalive_timeout,
+        tcp_user_timeout: args.tcp_user_timeout,
+        max_connections: args.max_connections,
+        max_per_source: args.max_connections_per_source,
+        max_handshakes: args.max_handshakes,
+        max_handshakes_per_source: args.max_handshakes_per_source,
+    }
+    .fit_to_open_files(sluice_proxy::limits::open_file_limit());
+    info!(?limits, "connection bounds");
+    limits
 }
 
 /// What the config dump lists as served.

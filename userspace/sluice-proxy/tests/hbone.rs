@@ -22,6 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use sluice_proxy::ca::Ca;
 use sluice_proxy::hbone::{self, Inbound, OpenError, ServerStats};
 use sluice_proxy::identity::Identity;
+use sluice_proxy::limits::{Admission, Limits};
 use sluice_proxy::policy::{Connection, Policies, Target, Verdict};
 use sluice_proxy::pool::{BoxFuture, Pool, PoolError, PoolKey, TcpConnect, TlsDialer};
 use sluice_proxy::socket::AppStream;
@@ -234,7 +235,7 @@ async fn draining_server_with(
     server_on(listener, store, local, inbound)
 }
 
-/// Serves HBONE on `listener`.
+/// Serves HBONE on `listener` with the default bounds.
 fn server_on(
     listener: TcpListener,
     store: &Arc<CertStore>,
@@ -245,11 +246,35 @@ fn server_on(
     Arc<ServerStats>,
     tokio::sync::watch::Sender<bool>,
 ) {
+    let (addr, stats, drain, _) =
+        bounded_server_on(listener, store, local, inbound, Limits::default());
+    (addr, stats, drain)
+}
+
+/// Serves HBONE on `listener` under `limits`; also returns the admission control (its
+/// counters and what it holds).
+fn bounded_server_on(
+    listener: TcpListener,
+    store: &Arc<CertStore>,
+    local: &Identity,
+    inbound: Arc<Pod>,
+    limits: Limits,
+) -> (
+    SocketAddr,
+    Arc<ServerStats>,
+    tokio::sync::watch::Sender<bool>,
+    Arc<Admission>,
+) {
     let (drain, draining) = tokio::sync::watch::channel(false);
     let addr = listener.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config(local).unwrap());
-    let stats = Arc::new(ServerStats::default());
-    let server_stats = stats.clone();
+    let admission = Admission::new(limits);
+    let server = Arc::new(hbone::Listener {
+        acceptor: tokio_rustls::TlsAcceptor::from(store.server_config(local).unwrap()),
+        trust_domain: TD.to_owned(),
+        stats: Arc::new(ServerStats::default()),
+        admission: admission.clone(),
+    });
+    let stats = server.stats.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -257,15 +282,13 @@ fn server_on(
             };
             tokio::spawn(hbone::accept(
                 tcp,
-                acceptor.clone(),
-                TD,
+                server.clone(),
                 inbound.clone(),
-                server_stats.clone(),
                 draining.clone(),
             ));
         }
     });
-    (addr, stats, drain)
+    (addr, stats, drain, admission)
 }
 
 struct PlainTcp;
@@ -1025,4 +1048,459 @@ async fn the_app_is_dialled_as_the_tunnel_source_with_the_forwarded_port_only_fo
         *inbound.clients.lock().unwrap(),
         [honest, SocketAddr::new(host_ip(), 0)]
     );
+}
+
+// ---- Bounds: deadlines, idle, keepalive, admission (what a slow or hostile peer can hold) ----
+
+/// A TCP connection to `server` from the local address `source`.
+async fn connect_from(source: IpAddr, server: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(server).await
+}
+
+/// Whether the server closed or reset `tcp` within `within` (reading returns end or error);
+/// `false` if it still holds it open.
+async fn closed_by_peer(tcp: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            // Whatever the server sent first (a TLS alert, say): keep reading.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+fn short_handshakes() -> Limits {
+    Limits {
+        handshake_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_never_finished_are_closed_at_the_deadline_while_others_are_served() {
+    let dir = TempDir::new("slow-handshakes");
+    let store = store(&dir);
+    let app = echo_app().await;
+    let listener = TcpListener::bind((host_ip(), 0)).await.unwrap();
+    let (server, stats, _drain, admission) = bounded_server_on(
+        listener,
+        &store,
+        &id("productpage"),
+        Arc::new(Pod::default()),
+        short_handshakes(),
+    );
+    // 40 connections that never say anything, and 10 that drip a TLS record header a byte at
+    // a time: neither ever finishes a handshake.
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(TcpStream::connect(server).await.unwrap());
+    }
+    let drips: Vec<_> = (0..10)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut tcp = TcpStream::connect(server).await.unwrap();
+                let started = tokio::time::Instant::now();
+                for byte in [0x16u8, 0x03, 0x01, 0x02, 0x00]
+                    .into_iter()
+                    .cycle()
+                    .take(100)
+                {
+                    if tcp.write_all(&[byte]).await.is_err() {
+                        break;
+                    }
+                    if closed_by_peer(&mut tcp, Duration::from_millis(100)).await {
+                        return Some(started.elapsed());
+                    }
+                }
+                None
+            })
+        })
+        .collect();
+    // A behaving peer is served all the while.
+    let pool = pool(&store, Duration::from_secs(30));
+    let tunnel = pool
+        .open(&key("sleep", "productpage", server), app, client_addr())
+        .await
+        .unwrap();
+    let (sent, received) = echo_through(tunnel, 64 * 1024).await;
+    assert_eq!(sent, received);
+
+    for tcp in &mut silent {
+        assert!(
+            closed_by_peer(tcp, WAIT).await,
+            "a connection that never handshook was held past {WAIT:?}"
+        );
+    }
+    for drip in drips {
+        let took = drip
+            .await
+            .unwrap()
+            .expect("a dripping handshake was never closed");
+        assert!(
+            took < Duration::from_secs(3),
+            "a dripping handshake was closed only after {took:?} (deadline 500 ms)"
+        );
+    }
+    wait_for(|| admission.stats.handshake_timeouts.load(Ordering::Relaxed) == 50).await;
+    assert_eq!(
+        admission.held(),
+        (1, 0),
+        "only the behaving connection is held"
+    );
+    assert_eq!(stats.tunnelled.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_at_its_bound_is_refused_at_once_while_other_sources_are_served() {
+    let dir = TempDir::new("per-source");
+    let store = store(&dir);
+    let app = echo_app().await;
+    let listener = TcpListener::bind((host_ip(), 0)).await.unwrap();
+    let limits = Limits {
+        max_handshakes_per_source: 8,
+        ..Limits::default()
+    };
+    let (server, _stats, _drain, admission) = bounded_server_on(
+        listener,
+        &store,
+        &id("productpage"),
+        Arc::new(Pod::default()),
+        limits,
+    );
+    let attacker: IpAddr = "127.0.0.2".parse().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(connect_from(attacker, server).await.unwrap());
+    }
+    wait_for(|| admission.held() == (8, 8)).await;
+    let mut ninth = connect_from(attacker, server).await.unwrap();
+    assert!(
+        closed_by_peer(&mut ninth, Duration::from_secs(2)).await,
+        "the source's 9th handshake in flight must be refused at once"
+    );
+    assert_eq!(
+        admission
+            .stats
+            .refused_source_handshakes
+            .load(Ordering::Relaxed),
+        1
+    );
+    // Another source is served while the attacker holds its bound.
+    let pool = pool(&store, Duration::from_secs(30));
+    let tunnel = pool
+        .open(&key("sleep", "productpage", server), app, client_addr())
+        .await
+        .unwrap();
+    let (sent, received) = echo_through(tunnel, 1024).await;
+    assert_eq!(sent, received);
+    // The attacker's room comes back when its connections go.
+    drop(held);
+    wait_for(|| admission.held() == (1, 0)).await;
+    let mut again = connect_from(attacker, server).await.unwrap();
+    assert!(
+        !closed_by_peer(&mut again, Duration::from_millis(200)).await,
+        "admitted again once its connections closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_streams_is_closed_when_idle_but_one_carrying_a_stream_is_not() {
+    let dir = TempDir::new("server-idle");
+    let store = store(&dir);
+    let app = echo_app().await;
+    let listener = TcpListener::bind((host_ip(), 0)).await.unwrap();
+    let limits = Limits {
+        server_idle_timeout: Duration::from_millis(400),
+        ..Limits::default()
+    };
+    let (server, _stats, _drain, admission) = bounded_server_on(
+        listener,
+        &store,
+        &id("productpage"),
+        Arc::new(Pod::default()),
+        limits,
+    );
+    // The client's pool would keep the connection for a minute: the server closes it first.
+    let pool = pool(&store, Duration::from_secs(60));
+    let key = key("sleep", "productpage", server);
+    let mut tunnel = pool.open(&key, app, client_addr()).await.unwrap();
+    // A stream open for three idle timeouts, quiet between its messages, keeps its connection.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tunnel.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        tunnel.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+    assert_eq!(admission.stats.idle_closed.load(Ordering::Relaxed), 0);
+    drop(tunnel);
+    wait_for(|| admission.stats.idle_closed.load(Ordering::Relaxed) == 1).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while pool.connections(&key).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client never saw its idle connection closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_for(|| admission.held() == (0, 0)).await;
+    // The next tunnel simply dials again.
+    let again = pool.open(&key, app, client_addr()).await.unwrap();
+    let (sent, received) = echo_through(again, 1024).await;
+    assert_eq!(sent, received);
+}
+
+/// A TCP relay in front of `upstream`. Until [`Relay::freeze`] it forwards both ways; after,
+/// the connections it carries go silent without closing (a peer that hung or vanished), so
+/// only PINGs can tell.
+struct Relay {
+    addr: SocketAddr,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    async fn new(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind((host_ip(), 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (flag_a, flag_b) = (flag.clone(), flag.clone());
+                let (client_r, client_w) = client.into_split();
+                let (server_r, server_w) = server.into_split();
+                tokio::spawn(forward(client_r, server_w, flag_a));
+                tokio::spawn(forward(server_r, client_w, flag_b));
+            }
+        });
+        Self { addr, frozen }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+}
+
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.load(Ordering::SeqCst) {
+            // Hold both ends open, forwarding nothing, until the test's runtime ends.
+            let _held = (from, to);
+            std::future::pending::<()>().await;
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_answering_pings_is_closed_on_both_sides() {
+    let dir = TempDir::new("keepalive");
+    let store = store(&dir);
+    let app = echo_app().await;
+    let quick = Limits {
+        keepalive_interval: Duration::from_millis(200),
+        keepalive_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let listener = TcpListener::bind((host_ip(), 0)).await.unwrap();
+    let (server, stats, _drain, server_side) = bounded_server_on(
+        listener,
+        &store,
+        &id("productpage"),
+        Arc::new(Pod::default()),
+        quick.clone(),
+    );
+    let relay = Relay::new(server).await;
+    let client_side = Admission::new(quick);
+    let pool = Pool::for_node(
+        TlsDialer {
+            store: store.clone(),
+            tcp: Arc::new(PlainTcp),
+        },
+        Duration::from_secs(60),
+        Arc::default(),
+        client_side.clone(),
+    );
+    let key = key("sleep", "productpage", relay.addr);
+    let tunnel = pool.open(&key, app, client_addr()).await.unwrap();
+    // PINGs answered: the connection lives on past several intervals.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (sent, received) = echo_through(tunnel, 1024).await;
+    assert_eq!(sent, received);
+    let _held = pool.open(&key, app, client_addr()).await.unwrap();
+    assert_eq!(
+        client_side.stats.keepalive_failed.load(Ordering::Relaxed),
+        0
+    );
+
+    relay.freeze();
+    wait_for(|| server_side.stats.keepalive_failed.load(Ordering::Relaxed) == 1).await;
+    wait_for(|| client_side.stats.keepalive_failed.load(Ordering::Relaxed) == 1).await;
+    assert_eq!(
+        pool.connections(&key).await,
+        0,
+        "the dead connection is not handed out"
+    );
+    wait_for(|| stats.closed.load(Ordering::Relaxed) == 1).await;
+    wait_for(|| server_side.held() == (0, 0)).await;
+}
+
+/// Accepts TCP connections and never answers on them (a peer stuck before its handshake);
+/// counts them.
+async fn tarpit() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind((host_ip(), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+fn tarpit_accepting(
+    listener: TcpListener,
+) -> (
+    Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    (accepted, task)
+}
+
+fn deadline_pool(
+    store: &Arc<CertStore>,
+    handshake: Duration,
+    connect: Duration,
+) -> Arc<Pool<TlsDialer>> {
+    Pool::with_limits(
+        TlsDialer {
+            store: store.clone(),
+            tcp: Arc::new(PlainTcp),
+        },
+        Duration::from_secs(30),
+        Limits {
+            handshake_timeout: handshake,
+            connect_timeout: connect,
+            ..Limits::default()
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tarpit_peer_costs_its_callers_one_deadline_and_wedges_nothing() {
+    let dir = TempDir::new("tarpit");
+    let store = store(&dir);
+    let app = echo_app().await;
+    let (good, _) = hbone_server(&store, &id("productpage")).await;
+    let (listener, stuck) = tarpit().await;
+    let (accepted, tarpit_task) = tarpit_accepting(listener);
+    let pool = deadline_pool(&store, Duration::from_millis(500), Duration::from_secs(1));
+    let stuck_key = key("sleep", "productpage", stuck);
+
+    let callers: Vec<_> = (0..10)
+        .map(|_| {
+            let (pool, key) = (pool.clone(), stuck_key.clone());
+            tokio::spawn(async move {
+                let started = tokio::time::Instant::now();
+                let opened = pool.open(&key, app, client_addr()).await;
+                (opened.map(drop), started.elapsed())
+            })
+        })
+        .collect();
+    // Another destination is served at once while they wait.
+    let started = tokio::time::Instant::now();
+    let tunnel = pool
+        .open(&key("sleep", "productpage", good), app, client_addr())
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_millis(500));
+    drop(tunnel);
+    for caller in callers {
+        let (opened, took) = tokio::time::timeout(WAIT, caller)
+            .await
+            .expect("a caller for the tarpit hung")
+            .unwrap();
+        let err = opened.unwrap_err();
+        assert!(
+            matches!(err, PoolError::TimedOut { .. }),
+            "a clear timeout, not {err}"
+        );
+        assert!(
+            err.to_string().contains("did not finish its handshake"),
+            "{err}"
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "answered only after {took:?}"
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "ten callers for one key share one dial"
+    );
+
+    // The peer recovers (a real HBONE server on the same address): the next caller gets in.
+    tarpit_task.abort();
+    let _ = tarpit_task.await;
+    let listener = TcpListener::bind(stuck).await.unwrap();
+    let _server = server_on(
+        listener,
+        &store,
+        &id("productpage"),
+        Arc::new(Pod::default()),
+    );
+    let tunnel = pool.open(&stuck_key, app, client_addr()).await.unwrap();
+    let (sent, received) = echo_through(tunnel, 1024).await;
+    assert_eq!(sent, received);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_goes_away_mid_dial_leaves_the_next_one_to_dial_afresh() {
+    let dir = TempDir::new("cancelled-dial");
+    let store = store(&dir);
+    let (listener, stuck) = tarpit().await;
+    let (accepted, _tarpit) = tarpit_accepting(listener);
+    let pool = deadline_pool(&store, Duration::from_secs(60), Duration::from_secs(60));
+    let key = key("sleep", "productpage", stuck);
+    let app: SocketAddr = SocketAddr::new(host_ip(), 9);
+    // The first caller dials and gives up (its client went away) mid-handshake.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        pool.open(&key, app, client_addr()),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    wait_for(|| accepted.load(Ordering::SeqCst) == 1).await;
+    // The next caller does not wait on the abandoned dial: it dials again at once.
+    let second = {
+        let (pool, key) = (pool.clone(), key.clone());
+        tokio::spawn(async move { pool.open(&key, app, client_addr()).await.map(drop) })
+    };
+    wait_for(|| accepted.load(Ordering::SeqCst) == 2).await;
+    second.abort();
 }

@@ -430,6 +430,73 @@ pub fn a_connect_storm_cannot_evict_another_pods_capture(backend: Backend) -> Re
     Ok(())
 }
 
+/// (6) A pod floods the proxy with more connections than the proxy lets one source hold
+/// (`--max-connections-per-source`, small here; the eBPF bound is far above it). The proxy
+/// refuses the excess at once (a reset, counted in `sluice_limits_total`), the neighbour's open
+/// connections carry on and its new ones are served, and the attacker's room comes back as its
+/// connections close. Without the bound, the flood would take as many of the proxy's file
+/// descriptors as it liked.
+pub fn a_connection_flood_is_refused_at_the_proxys_per_source_bound(
+    backend: Backend,
+) -> Result<()> {
+    const BOUND: usize = 24;
+    const FLOOD: usize = 40;
+    let bound = format!("--max-connections-per-source={BOUND}");
+    let cluster = Cluster::with_proxy_args(backend, &PODS, &[], &[&bound])?;
+    let _server = app::spawn_server(
+        &cluster.pod("server").place_server(),
+        &[SocketAddr::from((Ipv6Addr::UNSPECIFIED, 8080))],
+    )?;
+    let server = cluster.pod("server");
+    let mut live = Session::open(&cluster.pod("victim").place(), server.addr(8080))?;
+    let refused_before = refused_by_source(&cluster)?;
+
+    let (flood, outcome) =
+        hostile::start_storm(&cluster.pod("attacker").place(), server.addr(8080), FLOOD)?;
+    ensure!(
+        outcome.opened == BOUND && outcome.refused == FLOOD - BOUND,
+        "the flood must hold exactly {BOUND} of {FLOOD}: {outcome:?}"
+    );
+    let counted = refused_by_source(&cluster)? - refused_before;
+    ensure!(
+        counted == (FLOOD - BOUND) as u64,
+        "each refusal is counted in sluice_limits_total: {counted}"
+    );
+    live.round_trip(8192)?;
+    reached(&cluster, "victim", server.addr(8080))?;
+    reached(&cluster, "victim", server.addr6(8080))?;
+
+    drop(flood);
+    let deadline = std::time::Instant::now() + sluice_lab::WAIT;
+    loop {
+        let (again, outcome) =
+            hostile::start_storm(&cluster.pod("attacker").place(), server.addr(8080), BOUND)?;
+        if outcome.opened == BOUND {
+            break;
+        }
+        drop(again);
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "closed connections must give their room back: {outcome:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    live.round_trip(8192)?;
+    Ok(())
+}
+
+/// Connections refused at the per-source bound by node 0's proxy so far.
+fn refused_by_source(cluster: &Cluster) -> Result<u64> {
+    let (status, text) = cluster.proxies[0].get("metrics", "/metrics")?;
+    ensure!(status == 200, "metrics answered {status}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("sluice_limits_total{outcome=\"refused_source\"} "))
+        .context("no sluice_limits_total{outcome=\"refused_source\"} in the metrics")?
+        .trim()
+        .parse()
+        .context("parse sluice_limits_total")
+}
+
 /// Waits (bounded) until pod `name` has `want` tracked sockets on node 0.
 fn tracked_drains_to(cluster: &Cluster, name: &str, want: u64) -> Result<()> {
     let uid = cluster.pod(name).uid.to_string();

@@ -86,6 +86,7 @@ mod hostile_pod {
         a_spoofed_source_cannot_redirect_another_pods_connections,
         link_local_and_later_added_addresses_are_captured,
         a_connect_storm_cannot_evict_another_pods_capture,
+        a_connection_flood_is_refused_at_the_proxys_per_source_bound,
     );
 }
 
