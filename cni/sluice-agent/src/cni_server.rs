@@ -86,21 +86,34 @@ fn answer(stream: UnixStream, events: &Sender<Event>, wait: Duration) -> std::io
     BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
+            let (command, container) = (request.command, request.container_id.clone());
+            let pod = request.pod.as_ref().map(ToString::to_string);
             let (tx, rx) = mpsc::channel();
-            if events.send(Event::Cni(request, tx)).is_err() {
-                stopping()
+            let answer = if events.send(Event::Cni(request, tx)).is_err() {
+                None
             } else {
                 // The loop answers within `wait` (its waiters expire then); the margin covers
                 // the capture work itself.
-                rx.recv_timeout(wait + Duration::from_secs(5))
-                    .unwrap_or_else(|_| stopping())
+                rx.recv_timeout(wait + Duration::from_secs(5)).ok()
+            };
+            answer.unwrap_or_else(|| {
+                warn!(
+                    ?command,
+                    container,
+                    pod = pod.as_deref().unwrap_or("-"),
+                    "CNI request not answered: the agent is stopping or its event loop is stuck"
+                );
+                stopping()
+            })
+        }
+        Err(e) => {
+            warn!(error = %e, "CNI request undecodable: is the plugin the agent's version?");
+            Reply::Failed {
+                code: ErrorCode::Decode as u32,
+                msg: "the agent cannot decode the plugin's request".into(),
+                details: format!("{e}; run the same sluice version for plugin and agent"),
             }
         }
-        Err(e) => Reply::Failed {
-            code: ErrorCode::Decode as u32,
-            msg: "the agent cannot decode the plugin's request".into(),
-            details: format!("{e}; run the same sluice version for plugin and agent"),
-        },
     };
     let mut out = serde_json::to_vec(&reply)?;
     out.push(b'\n');

@@ -1,7 +1,8 @@
 //! Liveness and readiness, served over plain HTTP for kubelet's probes:
 //! - `GET /healthz`: 200 while the agent's event loop is turning;
 //! - `GET /readyz`: 200 once the plugin is installed, the first pod list is in, the proxy is
-//!   connected and has every captured pod, and no pod is failing; otherwise 503 with the reason;
+//!   connected and has every captured pod, no pod is failing and no selected pod runs on the
+//!   node uncaptured; otherwise 503 with the reason (naming the pod);
 //! - `GET /metrics`: the agent's counters (pods refused, by reason), Prometheus text.
 
 use std::io::{Read, Write};

@@ -242,8 +242,14 @@ fn main() -> Result<()> {
         info!(signal, "stopping");
         let _ = stop.send(Event::Stop);
     });
-    // The harness (and humans) wait for this line.
-    println!("sluice-cni-agent started health={health_addr}");
+    // The harness (and humans) wait for this line. Whoever reads our stdout may have gone
+    // (EPIPE): the agent carries on regardless, where `println!` would panic.
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "sluice-cni-agent started health={health_addr}");
+        let _ = stdout.flush();
+    }
     let config = Config {
         selector: Selector {
             excluded_namespaces: args.exclude_namespaces.clone(),
@@ -374,10 +380,14 @@ fn wait_for_signal(set: &libc::sigset_t) -> &'static str {
 fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // A log line that cannot be written is dropped: by default the subscriber reports that on
+    // stderr with `eprintln!`, which panics when stderr is the broken pipe, taking the agent
+    // (and every pending CNI ADD) down with a log collector that went away.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(false);
+        .with_ansi(false)
+        .log_internal_errors(false);
     if json {
         builder.json().init();
     } else {

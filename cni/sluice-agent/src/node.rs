@@ -14,6 +14,9 @@
 //!   status otherwise), never ones read from inside it, and an address has one owner: a pod
 //!   claiming an address another captured pod holds is refused, counted and keeps the agent
 //!   unready.
+//! - Every netns inode number the agent compares is one of a netns it holds open (captured
+//!   pods, released sandboxes), so it cannot have been reused for another namespace.
+//! - A selected pod running on the node is captured, or the agent is unready and names it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, AsRawFd};
@@ -37,6 +40,9 @@ use crate::record::{PodRecord, Records};
 use crate::selection::{PodInfo, Selector, World};
 
 mod cni;
+mod released;
+
+use released::{Released, Seen};
 
 /// How often the loop looks at the proxy, retries and waiters when no event comes.
 const TICK: Duration = Duration::from_millis(250);
@@ -47,6 +53,9 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// up without the plugin (before the agent installed it, or while the primary CNI had rewritten
 /// the conflist), and is then captured within this time.
 const RESCAN: Duration = Duration::from_secs(2);
+/// How long a sandbox's processes may run on after its CNI DEL before the agent reports the pod
+/// as running uncaptured: runtimes stop them around the DEL, within moments.
+const LINGER: Duration = Duration::from_secs(5);
 
 pub enum Event {
     /// The source's whole view of namespaces and this node's pods.
@@ -190,8 +199,18 @@ struct Failure {
 /// A CNI ADD waiting for the proxy to take its pod.
 struct Waiter {
     uid: String,
+    /// The sandbox (`CNI_CONTAINERID`) and the pod (`namespace/name`), for the log.
+    container: String,
+    pod: String,
     reply: Sender<Reply>,
     deadline: Instant,
+}
+
+impl Waiter {
+    fn answer(&self, reply: Reply) {
+        cni::log_add(&self.container, &self.pod, &reply);
+        let _ = self.reply.send(reply);
+    }
 }
 
 pub struct Node {
@@ -203,9 +222,12 @@ pub struct Node {
     world: Option<World>,
     pods: BTreeMap<String, Captured>,
     failures: BTreeMap<String, Failure>,
-    /// Sandboxes released by CNI DEL (uid → netns inode): never captured again, even while
-    /// their processes linger before the runtime kills them.
-    deleted: HashMap<String, u64>,
+    /// Sandboxes released by CNI DEL: never captured again, even while their processes
+    /// linger before the runtime kills them.
+    released: Released,
+    /// Selected pods running on the node uncaptured, with why (uid → reason), as of the last
+    /// reconcile: each keeps the agent unready.
+    uncaptured: BTreeMap<String, String>,
     proxy: Option<Proxy>,
     proxy_cgroup_attached: Option<PathBuf>,
     /// Why the node's probes are not exempted right now (`None`: they are, or not asked for).
@@ -232,7 +254,8 @@ impl Node {
             world: None,
             pods: BTreeMap::new(),
             failures: BTreeMap::new(),
-            deleted: HashMap::new(),
+            released: Released::default(),
+            uncaptured: BTreeMap::new(),
             proxy: None,
             proxy_cgroup_attached: None,
             node_probes: None,
@@ -269,9 +292,7 @@ impl Node {
             "agent stopping; capture stays in place"
         );
         for waiter in self.waiters.drain(..) {
-            let _ = waiter
-                .reply
-                .send(try_again("the agent is stopping", "retry the sandbox"));
+            waiter.answer(try_again("the agent is stopping", "retry the sandbox"));
         }
     }
 
@@ -324,9 +345,10 @@ impl Node {
             .into_iter()
             .map(|(uid, pod)| (uid.to_owned(), pod.clone()))
             .collect();
-        // Tombstones and failures only matter while the world still has the pod.
-        self.deleted.retain(|uid, _| desired.contains_key(uid));
+        // Released sandboxes and failures only matter while the world still has the pod.
+        self.released.retain(|uid| desired.contains_key(uid));
         self.failures.retain(|uid, _| desired.contains_key(uid));
+        self.uncaptured.clear();
 
         let unwanted: Vec<String> = self
             .pods
@@ -371,21 +393,53 @@ impl Node {
     ) -> Result<(), String> {
         let Some(cgroup) = cgroups.get(&pod.uid) else {
             debug!(pod = %pod.uid, "selected pod has no cgroup on this node (yet)");
+            self.released.forget(&pod.uid);
             return Ok(());
         };
         let found = find::netns_of_cgroup(cgroup)
             .map_err(|e| format!("read processes of {}: {e}", cgroup.display()))?;
         let Some((netns, label)) = found else {
             debug!(pod = %pod.uid, "selected pod has no process yet");
+            // Whatever runs in its cgroup from now on is a new sandbox.
+            self.released.forget(&pod.uid);
             return Ok(());
         };
         let ino = netns
             .inode()
             .map_err(|e| format!("stat {}: {e}", label.display()))?;
-        if self.deleted.get(&pod.uid) == Some(&ino) {
-            return Ok(()); // released by CNI DEL; its processes are on their way out
+        match self.released.seen(&pod.uid, ino) {
+            Seen::Lingering(since) => {
+                self.lingering(pod, since);
+                return Ok(());
+            }
+            Seen::Replaced => {
+                info!(pod = %pod.uid, netns = %label.display(), "a new sandbox of a released pod runs; capturing it");
+            }
+            Seen::Unknown => {}
         }
-        self.capture_pod(pod, netns, label, Some(cgroup.clone()), pod.ips.clone())
+        let cgroup = Some(cgroup.clone());
+        self.capture_pod(pod, netns, label, cgroup, pod.ips.clone(), None)
+    }
+
+    /// A pod's processes still run in the sandbox CNI DEL released `since` ago: it stays
+    /// uncaptured (its address may be another pod's by now), and past [`LINGER`] the agent says
+    /// so in its readiness.
+    fn lingering(&mut self, pod: &PodInfo, since: Duration) {
+        debug!(pod = %pod.uid, since_ms = since.as_millis() as u64,
+               "released by CNI DEL; its processes are on their way out");
+        if since < LINGER {
+            return;
+        }
+        let why = format!(
+            "pod {}/{} ({}) is selected and runs on this node uncaptured: CNI DEL released its \
+             sandbox {} s ago, yet processes still run in it (the runtime has not stopped them; \
+             the pod's next sandbox is captured)",
+            pod.namespace,
+            pod.name,
+            pod.uid,
+            since.as_secs()
+        );
+        self.uncaptured.insert(pod.uid.clone(), why);
     }
 
     /// Refuses addresses another captured pod holds: traffic for an address goes to the pod
@@ -411,7 +465,7 @@ impl Node {
     }
 
     /// Puts `pod`'s traffic through the proxy (idempotent for the same netns), then hands the pod
-    /// to the proxy if one is connected.
+    /// to the proxy if one is connected. `container_id`: the sandbox's, when its ADD brought it.
     fn capture_pod(
         &mut self,
         pod: &PodInfo,
@@ -419,6 +473,7 @@ impl Node {
         label: PathBuf,
         cgroup: Option<PathBuf>,
         addrs: Vec<std::net::IpAddr>,
+        container_id: Option<&str>,
     ) -> Result<(), String> {
         let uid = PodUid::parse(&pod.uid).map_err(|e| e.to_string())?;
         let ino = netns
@@ -448,8 +503,17 @@ impl Node {
             ));
         }
         self.check_owners(pod, &addrs)?;
-        if let Some(existing) = self.pods.get(&pod.uid) {
+        if let Some(existing) = self.pods.get_mut(&pod.uid) {
             if existing.record.netns_ino == ino {
+                // The same sandbox (found through its cgroup before its ADD came): learn its
+                // container id, which its DEL may be all there is to go by.
+                if container_id.is_some() && existing.record.container_id.as_deref() != container_id
+                {
+                    existing.record.container_id = container_id.map(str::to_owned);
+                    if let Err(e) = self.records.save(&existing.record) {
+                        warn!(pod = %pod.uid, error = %e, "cannot write the pod record");
+                    }
+                }
                 return Ok(());
             }
             // Same pod, new sandbox: the old one's capture goes first.
@@ -479,6 +543,7 @@ impl Node {
             netns_ino: ino,
             cgroup,
             addrs,
+            container_id: container_id.map(str::to_owned),
         };
         if let Err(e) = self.records.save(&record) {
             // Capture works; only a restarted agent would have to capture the pod again.
@@ -525,11 +590,10 @@ impl Node {
         }
     }
 
-    /// Takes a pod out: the proxy stops serving it, then its capture is removed.
-    fn release(&mut self, uid: &str, why: &str) {
-        let Some(pod) = self.pods.remove(uid) else {
-            return;
-        };
+    /// Takes a pod out: the proxy stops serving it, then its capture is removed. Returns the
+    /// netns it was captured in, still open.
+    fn release(&mut self, uid: &str, why: &str) -> Option<Netns> {
+        let pod = self.pods.remove(uid)?;
         if let Some(proxy) = &self.proxy
             && let Err(e) = proxy.del(uid)
         {
@@ -555,6 +619,7 @@ impl Node {
         self.answer_waiters(uid, || {
             try_again("the pod was released while waiting", "retry the sandbox")
         });
+        Some(pod.netns)
     }
 
     fn fail(&mut self, pod: &PodInfo, error: String) {
@@ -645,7 +710,7 @@ impl Node {
     fn answer_waiters(&mut self, uid: &str, reply: impl Fn() -> Reply) {
         self.waiters.retain(|w| {
             if w.uid == uid {
-                let _ = w.reply.send(reply());
+                w.answer(reply());
                 false
             } else {
                 true
@@ -683,7 +748,7 @@ impl Node {
             if w.deadline > now {
                 return true;
             }
-            let _ = w.reply.send(try_again(
+            w.answer(try_again(
                 &format!(
                     "the proxy did not take pod {} within {} s",
                     w.uid,
@@ -715,6 +780,9 @@ impl Node {
                 "pod {uid} failed {} time(s): {}",
                 f.attempts, f.error
             ));
+        }
+        if let Some(why) = self.uncaptured.values().next() {
+            return Err(why.clone());
         }
         if let Some(uid) = self.pods.iter().find(|(_, p)| !p.acked).map(|(u, _)| u) {
             return Err(format!("the proxy has not taken pod {uid} yet"));
@@ -827,6 +895,7 @@ impl Node {
                         netns_ino: pinned.netns_ino,
                         cgroup: None,
                         addrs: pinned.addrs.clone(),
+                        container_id: None,
                     });
                 }
             }

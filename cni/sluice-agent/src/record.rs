@@ -19,6 +19,10 @@ pub struct PodRecord {
     /// The addresses it was captured with (none in records from before they were kept).
     #[serde(default)]
     pub addrs: Vec<std::net::IpAddr>,
+    /// The sandbox's container id (`CNI_CONTAINERID`) when its ADD reached the agent: a DEL
+    /// names its sandbox by it, with or without pod arguments.
+    #[serde(default)]
+    pub container_id: Option<String>,
 }
 
 pub struct Records {

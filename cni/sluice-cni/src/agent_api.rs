@@ -69,6 +69,27 @@ pub enum Reply {
     },
 }
 
+/// An I/O error in words a person acts on, with the errno number kept for searching. Never the
+/// C library's string alone: container runtimes misread it (see [`crate::spec::CniError`]).
+pub fn describe_io(e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    // Errors made in Rust code (no errno) already carry words.
+    let Some(errno) = e.raw_os_error() else {
+        return e.to_string();
+    };
+    let words = match e.kind() {
+        ErrorKind::NotFound => "it does not exist",
+        ErrorKind::PermissionDenied => "access is refused",
+        ErrorKind::ConnectionRefused => "nothing accepts connections there",
+        ErrorKind::ConnectionReset => "the other end reset the connection",
+        ErrorKind::BrokenPipe => "the other end closed the connection",
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => "it timed out",
+        // The rest are rare here; strerror's words, with the errno, say enough.
+        _ => return e.to_string(),
+    };
+    format!("{words} (os error {errno})")
+}
+
 /// Why a call to the agent failed, before any answer came back.
 #[derive(Debug)]
 pub enum CallError {
@@ -90,12 +111,13 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply
         ) {
             CallError::TimedOut
         } else {
-            CallError::Broken(e.to_string())
+            CallError::Broken(describe_io(&e))
         }
     };
     stream.set_read_timeout(Some(timeout)).map_err(broken)?;
     stream.set_write_timeout(Some(timeout)).map_err(broken)?;
-    let mut line = serde_json::to_vec(request).map_err(|e| CallError::Broken(e.to_string()))?;
+    let mut line = serde_json::to_vec(request)
+        .map_err(|e| CallError::Broken(format!("cannot encode the request: {e}")))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(broken)?;
     let mut answer = String::new();

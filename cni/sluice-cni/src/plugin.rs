@@ -1,5 +1,7 @@
 //! One plugin invocation: environment and stdin in, what to print out.
 
+use std::io::Write;
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -80,15 +82,15 @@ fn add(invocation: &Invocation, conf: &NetConf) -> Result<Value, CniError> {
 }
 
 fn del(invocation: &Invocation, conf: &NetConf) -> Result<(), CniError> {
-    let Some(pod) = invocation.pod() else {
-        return Ok(());
-    };
+    // Every DEL goes to the agent, with or without pod arguments: a runtime may pass none
+    // (podman's CNI backend passes only K8S_POD_NAME), and its sandbox must still be released.
+    // The agent knows the sandbox by its container id or netns.
     let request = Request {
         command: Command::Del,
         container_id: invocation.container_id.clone(),
         netns: invocation.netns.as_ref().map(|p| p.display().to_string()),
         ips: Vec::new(),
-        pod: Some(pod),
+        pod: invocation.pod(),
     };
     match ask(conf, &request) {
         Ok(Reply::Failed { code, msg, details }) => Err(CniError { code, msg, details }),
@@ -96,7 +98,11 @@ fn del(invocation: &Invocation, conf: &NetConf) -> Result<(), CniError> {
         // DEL must succeed when there is nothing left to do, and an agent that is not running
         // holds nothing for this sandbox; the restarted agent releases pods that are gone.
         Err(e) if e.code == ErrorCode::TryAgainLater as u32 => {
-            eprintln!("sluice-cni: DEL: {e}; the agent will release the pod when it reconciles");
+            // The runtime may have closed stderr: nothing to do then, and no panic.
+            let _ = writeln!(
+                std::io::stderr(),
+                "sluice-cni: DEL: {e}; the agent will release the pod when it reconciles"
+            );
             Ok(())
         }
         Err(e) => Err(e),
@@ -153,14 +159,7 @@ fn ask(conf: &NetConf, request: &Request) -> Result<Reply, CniError> {
     let socket = &conf.agent_socket;
     let timeout = Duration::from_secs(conf.timeout_seconds);
     agent_api::call(socket, request, timeout).map_err(|e| match e {
-        CallError::Unreachable(e) => CniError::new(
-            ErrorCode::TryAgainLater,
-            format!("cannot reach the sluice agent at {}", socket.display()),
-            format!(
-                "{e}; is the sluice-node DaemonSet running on this node? Pods of meshed \
-                 namespaces do not start without it (fail closed)"
-            ),
-        ),
+        CallError::Unreachable(e) => unreachable(socket, &e),
         CallError::TimedOut => CniError::new(
             ErrorCode::TryAgainLater,
             format!(
@@ -172,8 +171,43 @@ fn ask(conf: &NetConf, request: &Request) -> Result<Reply, CniError> {
         ),
         CallError::Broken(why) => CniError::new(
             ErrorCode::Io,
-            "the connection to the sluice agent broke",
-            why,
+            format!(
+                "the connection to the sluice agent at {} broke",
+                socket.display()
+            ),
+            format!("{why}; see the agent's log (sluice-cni-agent), the runtime retries"),
         ),
     })
+}
+
+/// The agent's socket cannot be connected to: what that means, and what to check.
+fn unreachable(socket: &Path, e: &std::io::Error) -> CniError {
+    const RUNNING: &str = "is sluice-cni-agent running on this node (on Kubernetes: the \
+                           sluice-node DaemonSet's pod)? Pods of meshed namespaces do not start \
+                           without it (fail closed); the runtime retries the sandbox";
+    let socket = socket.display();
+    let (msg, details) = match e.kind() {
+        std::io::ErrorKind::NotFound => (
+            format!("the sluice agent's socket {socket} does not exist"),
+            RUNNING.to_owned(),
+        ),
+        std::io::ErrorKind::ConnectionRefused => (
+            format!("nothing listens on the sluice agent's socket {socket}"),
+            format!("the agent stopped and left its socket behind; {RUNNING}"),
+        ),
+        std::io::ErrorKind::PermissionDenied => (
+            format!("the sluice agent's socket {socket} refuses this plugin access"),
+            "the agent makes its socket 0600 for root: the runtime must run CNI plugins as \
+             root (it does by default)"
+                .to_owned(),
+        ),
+        _ => (
+            format!(
+                "cannot connect to the sluice agent's socket {socket}: {}",
+                agent_api::describe_io(e)
+            ),
+            RUNNING.to_owned(),
+        ),
+    };
+    CniError::new(ErrorCode::TryAgainLater, msg, details)
 }

@@ -54,15 +54,39 @@ impl CniError {
     }
 
     /// The error object in the configuration's version (1.0.0 when the configuration could not
-    /// be read).
+    /// be read), worded so that runtimes do not misread it (see [`reword_for_runtimes`]).
     pub fn to_json(&self, cni_version: &str) -> Value {
         json!({
             "cniVersion": cni_version,
             "code": self.code,
-            "msg": self.msg,
-            "details": self.details,
+            "msg": reword_for_runtimes(&self.msg),
+            "details": reword_for_runtimes(&self.details),
         })
     }
+}
+
+/// C library error strings that container runtimes take for their own: podman matches
+/// "no such file or directory" anywhere in a CNI error and exits 127 ("command not found"), and
+/// "permission denied" or "operation not permitted" as 126. The plugin's own messages never
+/// use them; these replace them where they arrive in another component's error (the agent's
+/// reply quoting the kernel), keeping the meaning.
+const MISREAD_BY_RUNTIMES: &[(&str, &str)] = &[
+    ("no such file or directory", "does not exist"),
+    ("permission denied", "access refused"),
+    ("operation not permitted", "not permitted for this process"),
+];
+
+/// `text` with every [`MISREAD_BY_RUNTIMES`] phrase replaced, whatever its case.
+pub fn reword_for_runtimes(text: &str) -> String {
+    let mut out = text.to_owned();
+    for (phrase, words) in MISREAD_BY_RUNTIMES {
+        // ASCII lowercasing keeps byte offsets, so a match in the lowercase copy is a match in
+        // `out` at the same place.
+        while let Some(at) = out.to_ascii_lowercase().find(phrase) {
+            out.replace_range(at..at + phrase.len(), words);
+        }
+    }
+    out
 }
 
 impl std::fmt::Display for CniError {

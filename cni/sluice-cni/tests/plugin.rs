@@ -77,16 +77,28 @@ fn conf(socket: &Path, extra: Value) -> String {
     conf.to_string()
 }
 
-/// Runs the binary; returns (exit success, stdout as JSON or Null when empty).
-fn plugin(command: &str, args: &str, stdin: &str) -> (bool, Value) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice-cni"))
-        .env_clear()
+/// The plugin binary with the CNI environment of sandbox `3f2a9c0d` (`netns` empty: unset, as
+/// a runtime may on DEL).
+fn runtime(command: &str, args: &str, netns: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice-cni"));
+    cmd.env_clear()
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", "3f2a9c0d")
-        .env("CNI_NETNS", "/var/run/netns/cni-1")
+        .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", "/opt/cni/bin")
-        .env("CNI_ARGS", args)
+        .env("CNI_ARGS", args);
+    cmd
+}
+
+/// Runs the binary; returns (exit success, stdout as JSON or Null when empty).
+fn plugin(command: &str, args: &str, stdin: &str) -> (bool, Value) {
+    plugin_in(command, args, "/var/run/netns/cni-1", stdin)
+}
+
+/// As [`plugin`], with the sandbox's `CNI_NETNS`.
+fn plugin_in(command: &str, args: &str, netns: &str, stdin: &str) -> (bool, Value) {
+    let mut child = runtime(command, args, netns)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -174,7 +186,7 @@ fn add_with_the_agent_unreachable_or_silent_fails_closed_with_try_again_later() 
     let dir = TempDir::new("down");
     let socket = dir.0.join("cni.sock");
     let (ok, out) = plugin("ADD", POD, &conf(&socket, json!({})));
-    assert_try_again(ok, &out, "cannot reach the sluice agent");
+    assert_try_again(ok, &out, "does not exist");
 
     let _requests = fake_agent(&socket, vec![None]);
     let started = std::time::Instant::now();
@@ -230,4 +242,134 @@ fn del_succeeds_when_the_agent_is_down_and_version_lists_the_versions() {
     );
     let (ok, out) = plugin("CHECK", POD, &conf(&socket, json!({"cniVersion": "0.3.1"})));
     assert!(!ok && out["code"] == 1, "{out}");
+}
+
+/// Podman's CNI backend passes only `K8S_POD_NAME`, and a runtime may pass no arguments and no
+/// netns at all on DEL: the DEL still reaches the agent, which finds the sandbox by its
+/// container id (or netns), so the pod does not stay captured.
+#[test]
+fn del_reaches_the_agent_without_pod_arguments() {
+    let dir = TempDir::new("del-bare");
+    let socket = dir.0.join("cni.sock");
+    let requests = fake_agent(&socket, vec![Some(Reply::Done), Some(Reply::Done)]);
+    let stdin = conf(&socket, json!({}));
+    let (ok, out) = plugin("DEL", "IgnoreUnknown=1;K8S_POD_NAME=web", &stdin);
+    assert!(ok && out.is_null(), "{out}");
+    let request = requests
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a DEL without K8S_POD_NAMESPACE must reach the agent");
+    assert_eq!(request.command, sluice_cni::agent_api::Command::Del);
+    assert_eq!(request.container_id, "3f2a9c0d");
+    assert_eq!(request.pod, None);
+    assert_eq!(request.netns.as_deref(), Some("/var/run/netns/cni-1"));
+
+    let (ok, out) = plugin_in("DEL", "", "", &stdin);
+    assert!(ok && out.is_null(), "{out}");
+    let request = requests
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a DEL with neither arguments nor netns must reach the agent");
+    assert_eq!(
+        (request.container_id.as_str(), request.netns),
+        ("3f2a9c0d", None)
+    );
+}
+
+/// What container runtimes misread when it appears in a CNI error: podman reports "no such
+/// file or directory" as exit 127 (command not found), "permission denied" and "operation not
+/// permitted" as 126.
+fn assert_worded_for_a_person(out: &Value) {
+    for field in ["msg", "details"] {
+        let text = out[field].as_str().unwrap().to_lowercase();
+        for raw in [
+            "no such file or directory",
+            "permission denied",
+            "operation not permitted",
+        ] {
+            assert!(!text.contains(raw), "{field} carries {raw:?}: {out}");
+        }
+    }
+}
+
+#[test]
+fn an_unreachable_agent_is_reported_with_what_failed_and_what_to_do() {
+    let dir = TempDir::new("words");
+    let socket = dir.0.join("cni.sock");
+    let path = socket.display().to_string();
+
+    // No socket file: the agent is not running (or never ran) on this node.
+    let (ok, out) = plugin("ADD", POD, &conf(&socket, json!({})));
+    assert_try_again(
+        ok,
+        &out,
+        &format!("the sluice agent's socket {path} does not exist"),
+    );
+    let details = out["details"].as_str().unwrap();
+    assert!(
+        details.contains("sluice-cni-agent") && details.contains("sluice-node"),
+        "the details say what to check: {out}"
+    );
+    assert_worded_for_a_person(&out);
+
+    // A socket file nobody listens on: the agent stopped and left it behind.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let (ok, out) = plugin("ADD", POD, &conf(&socket, json!({})));
+    assert_try_again(
+        ok,
+        &out,
+        &format!("nothing listens on the sluice agent's socket {path}"),
+    );
+    assert_worded_for_a_person(&out);
+    std::fs::remove_file(&socket).unwrap();
+
+    // The agent's own error, passed through, is reworded where a runtime would misread it.
+    let _requests = fake_agent(
+        &socket,
+        vec![Some(Reply::Failed {
+            code: 100,
+            msg: "cannot open the sandbox netns /var/run/netns/cni-1".into(),
+            details: "No such file or directory (os error 2)".into(),
+        })],
+    );
+    let (ok, out) = plugin("ADD", POD, &conf(&socket, json!({})));
+    assert!(!ok && out["code"] == 100, "{out}");
+    assert!(
+        out["details"].as_str().unwrap().contains("does not exist"),
+        "{out}"
+    );
+    assert_worded_for_a_person(&out);
+}
+
+/// A runtime that closed the plugin's stdout and stderr (it gave up waiting, or a human piped
+/// the plugin into `head`): the plugin still does its work and exits with its own status,
+/// never a panic's 101.
+#[test]
+fn a_closed_stdout_or_stderr_never_makes_the_plugin_panic() {
+    let dir = TempDir::new("epipe");
+    let socket = dir.0.join("cni.sock"); // nothing listens: DEL succeeds and says so on stderr
+    let closed = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        Stdio::from(writer)
+    };
+    for (command, success) in [("DEL", true), ("ADD", false), ("VERSION", true)] {
+        let mut child = runtime(command, POD, "/var/run/netns/cni-1")
+            .stdin(Stdio::piped())
+            .stdout(closed())
+            .stderr(closed())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf(&socket, json!({})).as_bytes())
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.success(), success, "{command}: {status}");
+        assert_eq!(
+            status.code(),
+            Some(u8::from(!success).into()),
+            "{command}: {status}"
+        );
+    }
 }

@@ -57,6 +57,19 @@ impl std::fmt::Display for CniFailure {
     }
 }
 
+/// Which container runtime the lab plays, as far as the CNI chain sees it: what it passes in
+/// `CNI_ARGS` (and `CNI_NETNS` on DEL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    /// containerd or CRI-O under kubelet: `K8S_POD_NAMESPACE`, `K8S_POD_NAME`,
+    /// `K8S_POD_INFRA_CONTAINER_ID` and `K8S_POD_UID`.
+    Kubelet,
+    /// podman with its CNI backend: `K8S_POD_NAME` only (the container's name).
+    Podman,
+    /// No arguments at all, and on DEL no `CNI_NETNS` either (the spec allows it there).
+    Bare,
+}
+
 /// A pod sandbox started through the CNI chain.
 pub struct SandboxPod {
     pub name: String,
@@ -491,14 +504,71 @@ impl AgentLab {
     /// Starts a pod sandbox as kubelet and the runtime do: pod cgroup, netns, the CNI chain's
     /// ADD, then the pause process. `Ok(Err(_))` is a CNI failure (the sandbox did not start).
     pub fn start_pod(&mut self, name: &str, namespace: &str) -> Result<Result<usize, CniFailure>> {
+        self.start_pod_as(name, namespace, Runtime::Kubelet)
+    }
+
+    /// As [`AgentLab::start_pod`], with the CNI arguments `runtime` passes.
+    pub fn start_pod_as(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        runtime: Runtime,
+    ) -> Result<Result<usize, CniFailure>> {
+        let ns = NetnsGuard::new(format!("sluice-{}-{name}", self.id))?;
+        self.start_sandbox(name, namespace, runtime, ns)
+    }
+
+    /// Starts a pod sandbox (as [`AgentLab::start_pod_as`]) in a new netns whose inode number
+    /// is `inode` if the kernel can give it: a released sandbox's number comes back for a later
+    /// one once nothing holds the old namespace. The kernel hands out the lowest free number,
+    /// so every miss is held until the end, filling the gaps below it. Also returns whether
+    /// the number was reused (bounded tries: something may still hold the old namespace).
+    pub fn start_pod_reusing_inode(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        runtime: Runtime,
+        inode: u64,
+    ) -> Result<(Result<usize, CniFailure>, bool)> {
+        let mut misses = Vec::new();
+        let deadline = Instant::now() + WAIT / 2;
+        let ns = loop {
+            let ns = NetnsGuard::new(format!("sluice-{}-{name}-{}", self.id, misses.len()))?;
+            if netns_inode(&ns.path())? == inode || Instant::now() > deadline || misses.len() > 500
+            {
+                break ns;
+            }
+            misses.push(ns);
+        };
+        let reused = netns_inode(&ns.path())? == inode;
+        drop(misses);
+        Ok((self.start_sandbox(name, namespace, runtime, ns)?, reused))
+    }
+
+    /// The sandbox's network namespace's inode number, as the kernel reports it.
+    pub fn netns_inode(&self, name: &str) -> Result<u64> {
+        netns_inode(&self.pod(name)?.ns.path())
+    }
+
+    /// The container id the lab's runtime gives pod `name`'s sandbox (`CNI_CONTAINERID`).
+    pub fn container_id(&self, name: &str) -> String {
+        format!("{}{name}", self.id)
+    }
+
+    fn start_sandbox(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        runtime: Runtime,
+        ns: NetnsGuard,
+    ) -> Result<Result<usize, CniFailure>> {
         let uid = self.uid(name);
-        let container_id = format!("{}{name}", self.id);
+        let container_id = self.container_id(name);
         let (pod_cgroup, sandbox_cgroup, app_cgroup) = self.pod_cgroups(&uid, &container_id)?;
         for dir in [&sandbox_cgroup, &app_cgroup] {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("create cgroup {}", dir.display()))?;
         }
-        let ns = NetnsGuard::new(format!("sluice-{}-{name}", self.id))?;
         let mut pod = SandboxPod {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
@@ -513,14 +583,14 @@ impl AgentLab {
             ns,
         };
         let started = Instant::now();
-        let added = self.chain("ADD", &pod)?;
+        let added = self.chain("ADD", &pod, runtime)?;
         pod.add_time = started.elapsed();
         let result = match added {
             Ok(result) => result,
             Err(failure) => {
                 // As containerd does: a sandbox whose network setup failed is torn down (DEL)
                 // before the runtime reports the failure and kubelet retries.
-                if let Err(e) = self.chain("DEL", &pod)? {
+                if let Err(e) = self.chain("DEL", &pod, runtime)? {
                     bail!("DEL after a failed ADD ({failure}) failed too: {e}");
                 }
                 return Ok(Err(failure));
@@ -555,7 +625,7 @@ impl AgentLab {
     /// pod, no sandbox netns, no CNI. The agent must refuse to capture it.
     pub fn start_pod_in_node_netns(&mut self, name: &str) -> Result<()> {
         let uid = self.uid(name);
-        let container_id = format!("{}{name}", self.id);
+        let container_id = self.container_id(name);
         let (_, sandbox_cgroup, _) = self.pod_cgroups(&uid, &container_id)?;
         std::fs::create_dir_all(&sandbox_cgroup)?;
         let place = Placement {
@@ -577,17 +647,53 @@ impl AgentLab {
     /// CHECK through the chain, as a runtime does to verify a running sandbox.
     pub fn check_pod(&self, name: &str) -> Result<Result<(), CniFailure>> {
         let pod = self.pod(name)?;
-        Ok(self.chain("CHECK", pod)?.map(|_| ()))
+        Ok(self.chain("CHECK", pod, Runtime::Kubelet)?.map(|_| ()))
     }
 
     /// Stops a sandbox: CNI DEL through the chain (in reverse), then the pause process.
     pub fn stop_pod(&mut self, name: &str) -> Result<Result<(), CniFailure>> {
-        let pod = self.pod(name)?;
-        let outcome = self.chain("DEL", pod)?.map(|_| ());
-        if let Some(i) = self.pods.iter().position(|p| p.name == name) {
-            self.pods.remove(i);
-        }
+        self.stop_pod_as(name, Runtime::Kubelet)
+    }
+
+    /// As [`AgentLab::stop_pod`], with the CNI arguments `runtime` passes.
+    pub fn stop_pod_as(&mut self, name: &str, runtime: Runtime) -> Result<Result<(), CniFailure>> {
+        let outcome = self.del_pod(name, runtime)?;
+        self.kill_sandbox(name);
         Ok(outcome)
+    }
+
+    /// CNI DEL through the chain only: the sandbox's processes and netns stay, as when a
+    /// runtime fails to stop them (see [`AgentLab::kill_sandbox`]).
+    pub fn del_pod(&self, name: &str, runtime: Runtime) -> Result<Result<(), CniFailure>> {
+        Ok(self.chain("DEL", self.pod(name)?, runtime)?.map(|_| ()))
+    }
+
+    /// CNI ADD through the chain again for a sandbox that is already there, as after its DEL
+    /// (the spec lets a runtime ADD the same container again): same netns path, same
+    /// processes; the pod's status gets the address it is given.
+    pub fn readd_pod(&mut self, name: &str) -> Result<Result<(), CniFailure>> {
+        let i = self
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .with_context(|| format!("no pod {name}"))?;
+        let result = match self.chain("ADD", &self.pods[i], Runtime::Kubelet)? {
+            Ok(result) => result,
+            Err(failure) => return Ok(Err(failure)),
+        };
+        let address = result["ips"][0]["address"]
+            .as_str()
+            .with_context(|| format!("no address in the chain's result {result}"))?;
+        let ip = address.split('/').next().unwrap_or_default().parse()?;
+        self.pods[i].ip = ip;
+        self.pods[i].result = result;
+        self.publish_ip(name, ip)?;
+        Ok(Ok(()))
+    }
+
+    /// Kills the sandbox's processes and removes its netns, without CNI.
+    pub fn kill_sandbox(&mut self, name: &str) {
+        self.pods.retain(|p| p.name != name);
     }
 
     pub fn pod(&self, name: &str) -> Result<&SandboxPod> {
@@ -625,7 +731,12 @@ impl AgentLab {
 
     /// Runs the primary conflist's plugins for `command` as libcni does: each plugin gets the
     /// list's name and version and the previous result; DEL runs in reverse with the ADD result.
-    fn chain(&self, command: &str, pod: &SandboxPod) -> Result<Result<Value, CniFailure>> {
+    fn chain(
+        &self,
+        command: &str,
+        pod: &SandboxPod,
+        runtime: Runtime,
+    ) -> Result<Result<Value, CniFailure>> {
         let list = self.primary_conflist()?;
         let mut plugins: Vec<Value> = list["plugins"].as_array().context("plugins")?.clone();
         if command == "DEL" {
@@ -640,7 +751,7 @@ impl AgentLab {
             if let Some(prev) = &prev {
                 conf["prevResult"] = prev.clone();
             }
-            let out = self.exec_plugin(&kind, command, pod, &conf)?;
+            let out = self.exec_plugin(&kind, command, pod, runtime, &conf)?;
             match out {
                 Ok(result) if command == "ADD" => prev = Some(result),
                 Ok(_) => {}
@@ -668,6 +779,7 @@ impl AgentLab {
         kind: &str,
         command: &str,
         pod: &SandboxPod,
+        runtime: Runtime,
         conf: &Value,
     ) -> Result<Result<Value, CniFailure>> {
         let cni_path = [self.path("bin"), PathBuf::from(REFERENCE_PLUGINS)];
@@ -681,19 +793,26 @@ impl AgentLab {
             cgroup: None,
         };
         let joined = std::env::join_paths(&cni_path)?;
+        let args = match runtime {
+            Runtime::Kubelet => format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
+                pod.namespace, pod.name, pod.container_id, pod.uid
+            ),
+            Runtime::Podman => format!("IgnoreUnknown=1;K8S_POD_NAME={}", pod.name),
+            Runtime::Bare => String::new(),
+        };
+        let netns = if runtime == Runtime::Bare && command == "DEL" {
+            PathBuf::new()
+        } else {
+            pod.ns.path()
+        };
         let mut child = command_in(&binary, &place)?
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", &pod.container_id)
-            .env("CNI_NETNS", pod.ns.path())
+            .env("CNI_NETNS", netns)
             .env("CNI_IFNAME", "eth0")
             .env("CNI_PATH", joined)
-            .env(
-                "CNI_ARGS",
-                format!(
-                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
-                    pod.namespace, pod.name, pod.container_id, pod.uid
-                ),
-            )
+            .env("CNI_ARGS", args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -803,6 +922,13 @@ impl AgentLab {
             last.1
         )
     }
+}
+
+fn netns_inode(path: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("stat netns {}", path.display()))?
+        .ino())
 }
 
 fn wait_bounded(

@@ -6,7 +6,7 @@ use std::time::Instant;
 use sluice_capture::netns::Netns;
 use sluice_cni::agent_api::{Command, PodRef, Reply, Request};
 use sluice_cni::spec::ErrorCode;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Node, Waiter};
 use crate::find;
@@ -23,6 +23,28 @@ fn failed(code: ErrorCode, msg: String, details: impl Into<String>) -> Reply {
     }
 }
 
+/// The pod a request names, for the log: `namespace/name`, or `-` without pod arguments.
+fn pod_label(request: &Request) -> String {
+    request
+        .pod
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), ToString::to_string)
+}
+
+/// Logs how an ADD ended unless it enrolled its pod: the runtime reports the plugin's error in
+/// its own log, which says neither which sandbox nor what the agent saw.
+pub(super) fn log_add(container: &str, pod: &str, reply: &Reply) {
+    match reply {
+        Reply::Failed { code, msg, details } => {
+            warn!(container, pod, code, reason = %msg, details = %details, "CNI ADD failed");
+        }
+        Reply::Skipped { reason } => {
+            info!(container, pod, reason = %reason, "CNI ADD: pod not selected, it starts without capture");
+        }
+        Reply::Enrolled | Reply::Done => {}
+    }
+}
+
 impl Node {
     pub(super) fn cni(&mut self, request: Request, reply: Sender<Reply>) {
         let answer = match request.command {
@@ -31,12 +53,17 @@ impl Node {
                 Ok(uid) => {
                     self.waiters.push(Waiter {
                         uid,
+                        container: request.container_id.clone(),
+                        pod: pod_label(&request),
                         reply,
                         deadline: Instant::now() + self.cfg.cni_wait,
                     });
                     return;
                 }
-                Err(reply) => reply,
+                Err(reply) => {
+                    log_add(&request.container_id, &pod_label(&request), &reply);
+                    reply
+                }
             },
             Command::Del => self.cni_del(&request),
             Command::Check => self.cni_check(&request),
@@ -66,14 +93,19 @@ impl Node {
         let netns = Netns::open(netns_path).map_err(|e| {
             failed(
                 ErrorCode::UnknownContainer,
-                format!("cannot open the sandbox netns {netns_path}"),
-                e.to_string(),
+                format!(
+                    "cannot open the sandbox netns {netns_path}: {}",
+                    sluice_cni::agent_api::describe_io(&e)
+                ),
+                "the runtime creates the sandbox's netns before ADD; was the sandbox removed \
+                 meanwhile?",
             )
         })?;
         let cgroup = find::pod_cgroups(&self.cfg.cgroup_root)
             .ok()
             .and_then(|mut c| c.remove(&pod.uid));
-        self.deleted.remove(&pod.uid);
+        // A new sandbox of the pod: a released one is no longer worth telling apart.
+        self.released.forget(&pod.uid);
         // The CNI result is the node's word on the sandbox's addresses (the status may still
         // name an earlier sandbox's, or none yet).
         let addrs = if request.ips.is_empty() {
@@ -81,7 +113,8 @@ impl Node {
         } else {
             request.ips.clone()
         };
-        self.capture_pod(&pod, netns, netns_path.into(), cgroup, addrs)
+        let container = Some(request.container_id.as_str()).filter(|c| !c.is_empty());
+        self.capture_pod(&pod, netns, netns_path.into(), cgroup, addrs, container)
             .map_err(|e| {
                 failed(
                     ErrorCode::EnrolmentFailed,
@@ -183,35 +216,64 @@ impl Node {
         self.merge_fetched();
     }
 
+    /// Releases the sandbox a DEL names. DEL is idempotent: a sandbox the agent does not hold
+    /// is a success too.
     fn cni_del(&mut self, request: &Request) -> Reply {
-        let Some(world) = &self.world else {
+        if let Some(uid) = self.pod_uid(request) {
+            self.fetched.remove(&uid);
+        }
+        let netns = request.netns.as_deref().and_then(|p| Netns::open(p).ok());
+        let ino = netns.as_ref().and_then(|n| n.inode().ok());
+        let Some(uid) = self.captured_sandbox(request, ino) else {
+            info!(container = %request.container_id, pod = %pod_label(request),
+                  "CNI DEL: no captured sandbox by that container id or netns; nothing to release");
             return Reply::Done;
         };
-        let Some(uid) = request.pod.as_ref().and_then(|pod| {
-            pod.uid
-                .clone()
-                .or_else(|| lookup(world, pod).map(|p| p.uid.clone()))
-        }) else {
-            return Reply::Done;
-        };
-        self.fetched.remove(&uid);
-        let Some(captured) = self.pods.get(&uid) else {
-            return Reply::Done;
-        };
-        // A DEL for another sandbox of the same pod (one that failed to start) must not release
-        // the running one.
-        let ino = captured.record.netns_ino;
-        let other_sandbox = request
-            .netns
-            .as_deref()
-            .and_then(|p| Netns::open(p).ok())
-            .and_then(|n| n.inode().ok())
-            .is_some_and(|i| i != ino);
-        if !other_sandbox {
-            self.deleted.insert(uid.clone(), ino);
-            self.release(&uid, "CNI DEL");
+        if let Some(netns) = self.release(&uid, "CNI DEL") {
+            match netns.inode() {
+                Ok(ino) => self.released.insert(uid, netns, ino),
+                Err(e) => warn!(pod = %uid, error = %e, "cannot stat a released netns"),
+            }
         }
         Reply::Done
+    }
+
+    /// The captured pod whose sandbox a DEL names: the one captured at ADD with its container
+    /// id, else the one captured in its netns (`ino`), else, by its pod arguments, a pod whose
+    /// sandbox could be this one (no other container id, no other netns known). Never another
+    /// sandbox of the same pod (one that failed to start, one kubelet replaced): that would
+    /// release the running one.
+    fn captured_sandbox(&self, request: &Request, ino: Option<u64>) -> Option<String> {
+        let container = Some(request.container_id.as_str()).filter(|c| !c.is_empty());
+        if let Some((uid, _)) = self
+            .pods
+            .iter()
+            .find(|(_, p)| container.is_some() && p.record.container_id.as_deref() == container)
+        {
+            return Some(uid.clone());
+        }
+        // Exact: the agent holds every captured pod's netns open, so no other namespace can
+        // have one of their inode numbers.
+        if let Some((uid, _)) = self
+            .pods
+            .iter()
+            .find(|(_, p)| Some(p.record.netns_ino) == ino)
+        {
+            return Some(uid.clone());
+        }
+        let uid = self.pod_uid(request)?;
+        let captured = self.pods.get(&uid)?;
+        let other_sandbox = captured.record.container_id.is_some() || ino.is_some();
+        (!other_sandbox).then_some(uid)
+    }
+
+    /// The uid of the pod a request's arguments name, if the request has them and the agent
+    /// knows it.
+    fn pod_uid(&self, request: &Request) -> Option<String> {
+        let pod = request.pod.as_ref()?;
+        pod.uid
+            .clone()
+            .or_else(|| lookup(self.world.as_ref()?, pod).map(|p| p.uid.clone()))
     }
 
     fn cni_check(&mut self, request: &Request) -> Reply {

@@ -157,3 +157,25 @@ fn version_answers_in_the_requested_version_when_known() {
     assert_eq!(version_result(Some("7.0.0"))["cniVersion"], "1.0.0");
     assert_eq!(version_result(None)["supportedVersions"][3], "1.0.0");
 }
+
+#[test]
+fn errno_strings_runtimes_misread_are_reworded_in_the_error_object() {
+    let e = CniError::new(
+        ErrorCode::EnrolmentFailed,
+        "capture: open /proc/7/ns/net: No such file or directory (os error 2)",
+        "attach: Operation not permitted (os error 1); bind: PERMISSION DENIED",
+    );
+    let out = e.to_json("1.0.0");
+    assert_eq!(
+        out["msg"],
+        "capture: open /proc/7/ns/net: does not exist (os error 2)"
+    );
+    assert_eq!(
+        out["details"],
+        "attach: not permitted for this process (os error 1); bind: access refused"
+    );
+    assert_eq!(
+        reword_for_runtimes("nothing to change"),
+        "nothing to change"
+    );
+}

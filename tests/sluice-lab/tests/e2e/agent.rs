@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result, ensure};
 use sluice_capture::{Backend, ebpf};
-use sluice_lab::agent::{AgentLab, CgroupDriver};
+use sluice_lab::agent::{AgentLab, CgroupDriver, Runtime};
 use sluice_lab::app::{self, ProcessGuard, Session};
 
 /// A node whose pods file has `namespaces` (name, meshed) and lists `pods` (name, namespace),
@@ -121,6 +121,13 @@ pub fn a_pod_started_through_the_cni_chain_runs_only_once_captured_and_served(
             && failure.msg.contains("did not take"),
         "{failure}"
     );
+    // The agent says so too, naming the sandbox and the pod.
+    lab.agent()?.wait_for_log(&[
+        "CNI ADD failed",
+        &lab.container_id("client"),
+        "shop/client",
+        "did not take",
+    ])?;
 
     lab.start_proxy()?;
     lab.wait_ready(200)?;
@@ -236,7 +243,10 @@ pub fn an_agent_restart_adopts_its_pods_without_disturbing_live_traffic(
         .err()
         .context("a meshed pod started without the agent")?;
     ensure!(
-        refused.code == 11 && refused.msg.contains("cannot reach"),
+        refused.code == 11
+            && refused
+                .msg
+                .contains("nothing listens on the sluice agent's socket"),
         "{refused}"
     );
     start(&mut lab, &[("dns", "kube-system")])?; // excluded namespaces start without the agent
@@ -524,5 +534,154 @@ pub fn the_agent_keeps_kubelet_probes_exempt_from_capture(backend: Backend) -> R
             );
         }
     }
+    Ok(())
+}
+
+/// Waits until the agent released pod `uid` on a CNI DEL, and checks nothing of it is left:
+/// the proxy dropped it, no pins, no record.
+fn released_by_del(lab: &AgentLab, uid: &str) -> Result<()> {
+    lab.agent()?
+        .wait_for_log(&["pod released", uid, "CNI DEL"])?;
+    lab.proxy()?.wait_for_log(&["removed by the agent", uid])?;
+    ensure!(!pinned(lab, uid)?, "DEL leaves no pinned state");
+    ensure!(
+        !lab.path(&format!("state/pods/{uid}.json")).exists(),
+        "DEL leaves no record of the pod"
+    );
+    Ok(())
+}
+
+/// A runtime that passes no pod arguments on DEL still gets its sandbox released: podman's CNI
+/// backend passes only `K8S_POD_NAME`, and any runtime may leave out the netns on DEL. The
+/// agent knows the sandbox by the container id it was captured with at ADD, or by its netns.
+/// A DEL or ADD for a sandbox it does not hold is answered all the same, and a refused ADD is
+/// in the agent's log with the sandbox, the pod and why.
+pub fn a_del_without_pod_arguments_releases_the_pod(backend: Backend) -> Result<()> {
+    let pods = [("kubelet-started", "shop"), ("podman-started", "shop")];
+    let mut lab = node(
+        backend,
+        CgroupDriver::Cgroupfs,
+        &[("shop", true)],
+        &pods,
+        true,
+    )?;
+    lab.wait_ready(200)?;
+
+    // Captured at ADD, with kubelet's arguments; then a DEL with neither arguments nor netns.
+    start(&mut lab, &pods[..1])?;
+    ensure!(lab.captured("kubelet-started")?, "captured at ADD");
+    lab.stop_pod_as("kubelet-started", Runtime::Bare)?
+        .map_err(|e| anyhow::anyhow!("DEL without arguments: {e}"))?;
+    released_by_del(&lab, &lab.pod_uid("kubelet-started"))?;
+
+    // Started as podman starts it (no namespace argument: the plugin lets the ADD by and the
+    // agent captures the pod through its cgroup), and stopped likewise.
+    lab.start_pod_as("podman-started", "shop", Runtime::Podman)?
+        .map_err(|e| anyhow::anyhow!("podman's ADD: {e}"))?;
+    lab.wait_captured("podman-started", true)?;
+    lab.stop_pod_as("podman-started", Runtime::Podman)?
+        .map_err(|e| anyhow::anyhow!("podman's DEL: {e}"))?;
+    released_by_del(&lab, &lab.pod_uid("podman-started"))?;
+
+    // A meshed pod the agent does not know is refused (and torn down with a DEL for a sandbox
+    // the agent never held, which succeeds); the agent logs the refusal.
+    let refused = lab
+        .start_pod("unlisted", "shop")?
+        .err()
+        .context("an unknown pod of a meshed namespace started")?;
+    ensure!(refused.code == 11, "{refused}");
+    lab.agent()?.wait_for_log(&[
+        "CNI ADD failed",
+        &lab.container_id("unlisted"),
+        "shop/unlisted",
+        "not in the agent's pod list",
+    ])?;
+    lab.wait_ready(200)?;
+    Ok(())
+}
+
+/// The kernel reuses a freed netns inode number for the next namespace, so a sandbox restarted
+/// after its DEL can come back with the released one's number. It is captured all the same,
+/// here through its cgroup, as when the runtime's ADD does not reach the agent (podman passes
+/// no namespace argument), and into its own netns.
+pub fn a_restarted_sandbox_is_captured_even_in_the_released_netns_inode(
+    backend: Backend,
+) -> Result<()> {
+    let pods = [("web", "shop"), ("client", "web")];
+    let mut lab = node(backend, CgroupDriver::Cgroupfs, MESHED_AND_NOT, &pods, true)?;
+    start(&mut lab, &pods)?;
+    lab.wait_ready(200)?;
+    let uid = lab.pod_uid("web");
+    let released = lab.netns_inode("web")?;
+    lab.stop_pod("web")?
+        .map_err(|e| anyhow::anyhow!("DEL: {e}"))?;
+    released_by_del(&lab, &uid)?;
+
+    let (started, reused) =
+        lab.start_pod_reusing_inode("web", "shop", Runtime::Podman, released)?;
+    started.map_err(|e| anyhow::anyhow!("restart: {e}"))?;
+    let inode = lab.netns_inode("web")?;
+    eprintln!(
+        "restarted sandbox in netns inode {inode}: {}",
+        if reused {
+            "the released sandbox's"
+        } else {
+            "a new one (the released namespace was still held)"
+        }
+    );
+    lab.wait_captured("web", true)?;
+    if backend == Backend::Ebpf {
+        let pinned = ebpf::list_pods(&lab.pin_root())?;
+        ensure!(
+            pinned.iter().any(|p| p.uid == uid && p.netns_ino == inode),
+            "the restarted sandbox's own netns is captured: {pinned:?}"
+        );
+    }
+    lab.wait_ready(200)?;
+    let (_server, to) = serve(&lab, "web", 9090)?;
+    connects(&lab, "client", to, "to the restarted pod")?;
+    lab.proxy()?
+        .wait_for_log(&["direction=\"inbound\"", &format!("dst={to}")])?;
+    Ok(())
+}
+
+/// A pod the selection meshes that runs on the node uncaptured makes the agent unready, by
+/// name: here a sandbox whose processes the runtime did not stop after its DEL. They run on in
+/// the released netns, which the agent must not capture again (its address may already be
+/// another pod's). An ADD of that same sandbox (same netns path) captures it again; once its
+/// processes are gone after a second DEL, the agent is ready again.
+pub fn a_selected_pod_running_uncaptured_makes_the_agent_unready(backend: Backend) -> Result<()> {
+    let pods = [("web", "shop")];
+    let mut lab = node(
+        backend,
+        CgroupDriver::Systemd,
+        &[("shop", true)],
+        &pods,
+        true,
+    )?;
+    start(&mut lab, &pods)?;
+    lab.wait_ready(200)?;
+    let uid = lab.pod_uid("web");
+    lab.del_pod("web", Runtime::Kubelet)?
+        .map_err(|e| anyhow::anyhow!("DEL: {e}"))?;
+    released_by_del(&lab, &uid)?;
+    let why = lab.wait_readyz(503, "shop/web")?;
+    ensure!(why.contains("uncaptured"), "{why}");
+    ensure!(
+        !lab.captured("web")?,
+        "the released sandbox is not captured again"
+    );
+
+    lab.readd_pod("web")?
+        .map_err(|e| anyhow::anyhow!("ADD again: {e}"))?;
+    ensure!(lab.captured("web")?, "ADD again captures the same sandbox");
+    lab.wait_ready(200)?;
+
+    lab.del_pod("web", Runtime::Kubelet)?
+        .map_err(|e| anyhow::anyhow!("second DEL: {e}"))?;
+    lab.agent()?
+        .wait_for_log_lines(&["pod released", &uid, "CNI DEL"], 2)?;
+    lab.kill_sandbox("web");
+    lab.wait_ready(200)?;
     Ok(())
 }

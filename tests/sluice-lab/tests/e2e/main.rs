@@ -112,6 +112,9 @@ mod node_agent {
         a_pod_that_cannot_be_captured_is_retried_and_keeps_the_agent_unready,
         in_kubernetes_mode_labelling_a_namespace_meshes_and_marks_its_pods,
         a_pod_claiming_another_pods_address_is_refused,
+        a_del_without_pod_arguments_releases_the_pod,
+        a_restarted_sandbox_is_captured_even_in_the_released_netns_inode,
+        a_selected_pod_running_uncaptured_makes_the_agent_unready,
     );
 }
 
