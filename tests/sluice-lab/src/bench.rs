@@ -24,6 +24,7 @@ use crate::proxy::ProxyProcess;
 pub mod chart;
 pub mod matrix;
 mod pod_start;
+pub mod soak;
 
 /// The matrix's options (`cargo xtask bench` with no subcommand).
 #[derive(clap::Args, Clone, Debug)]
@@ -95,6 +96,10 @@ pub enum Which {
     },
     /// Mesh cost: a client pod on one node to a server pod on the other, `direct` (no mesh)
     /// vs HBONE with `iptables` or `ebpf` capture.
+    /// Under load: thousands of held tunnels with a trickle and churn, then an unauthenticated
+    /// handshake flood; each proxy's RSS and fds before, at the peak and after, and the
+    /// latency of a behaving client throughout (`target/bench/soak.json`).
+    Soak(soak::SoakArgs),
     Hbone {
         /// Rounds; each round measures every mode once.
         #[arg(long, default_value_t = 3)]
@@ -140,6 +145,13 @@ struct MetricResult {
 pub fn run(which: Which) -> Result<()> {
     let (hbone, runs, seconds, rate_seconds) = match which {
         Which::PodStart { runs, pods } => return pod_start::run(runs, pods),
+        Which::Soak(args) => {
+            let out = output_path()?
+                .parent()
+                .context("bench output dir")?
+                .to_path_buf();
+            return soak::run(&args, &out);
+        }
         Which::Capture {
             runs,
             seconds,

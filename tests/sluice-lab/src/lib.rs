@@ -12,6 +12,7 @@ pub mod demo;
 pub mod hostile;
 pub mod lab;
 pub mod proxy;
+pub mod soak;
 
 /// Bounds every wait in the lab, so no test or benchmark can hang.
 pub const WAIT: std::time::Duration = std::time::Duration::from_secs(10);

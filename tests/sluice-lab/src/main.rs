@@ -112,6 +112,37 @@ enum App {
         #[arg(long, default_value_t = 100_000)]
         max: u64,
     },
+    /// The soak's echo server: a task per connection (tokio), greeting as `serve` does.
+    SoakServe {
+        #[arg(long = "listen", required = true)]
+        listen: Vec<SocketAddr>,
+    },
+    /// The soak's holder: opens `count` connections, prints `open N`, then trickles round trips
+    /// and churns connections until stdin closes; prints a JSON outcome.
+    SoakHold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 100)]
+        trickle_per_s: u32,
+        #[arg(long, default_value_t = 10)]
+        churn_per_s: u32,
+        #[arg(long, default_value_t = 600)]
+        max_seconds: u64,
+    },
+    /// Hostile: TLS handshakes without a client certificate against an HBONE port, in a loop;
+    /// prints a JSON count.
+    TlsFlood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10_000_000)]
+        max: u64,
+    },
     /// Hostile: one connection from a source the pod does not own (`IP_TRANSPARENT`), trying
     /// to read the app's greeting; prints a JSON outcome.
     Forge {
@@ -174,6 +205,20 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::App(App::Hold { to, count }) => sluice_lab::app::hold(to, count),
+        Cmd::App(App::SoakServe { listen }) => sluice_lab::soak::serve(&listen),
+        Cmd::App(App::SoakHold {
+            to,
+            count,
+            trickle_per_s,
+            churn_per_s,
+            max_seconds,
+        }) => sluice_lab::soak::hold(to, count, trickle_per_s, churn_per_s, max_seconds),
+        Cmd::App(App::TlsFlood {
+            to,
+            seconds,
+            concurrency,
+            max,
+        }) => sluice_lab::soak::tls_flood(to, seconds, concurrency, max),
         Cmd::App(App::Storm { to, count }) => sluice_lab::hostile::storm(to, count),
         Cmd::App(App::Repeat { to, seconds, max }) => {
             println!("{}", sluice_lab::hostile::repeat(to, seconds, max));

@@ -22,7 +22,7 @@ use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tracing::{debug, info};
+use tracing::{Instrument, debug, info};
 
 use crate::identity::Identity;
 use crate::limits::{Admission, Limits};
@@ -274,6 +274,8 @@ pub fn server_builder() -> h2::server::Builder {
 /// What a pod's 15008 listener serves with: its certificate, the mesh it admits, the node's
 /// counters and admission control.
 pub struct Listener {
+    /// The pod served (its netns inode): whose bounds the connections count against.
+    pub pod: crate::limits::PodKey,
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub trust_domain: String,
     pub stats: Arc<ServerStats>,
@@ -309,7 +311,7 @@ pub async fn accept(
             return;
         }
     };
-    let mut permit = match listener.admission.admit(remote.ip(), true) {
+    let mut permit = match listener.admission.admit(listener.pod, remote.ip(), true) {
         Ok(permit) => permit,
         Err(refused) => {
             debug!(%remote, reason = refused.reason(), "HBONE connection refused");
@@ -456,8 +458,15 @@ pub async fn serve<IO, I>(
 ///
 /// When `drain` turns true the connection sends GOAWAY: the client opens no new stream on it,
 /// the streams already open run to their end, and then the connection closes. The same
-/// happens once it has carried no stream for the idle timeout. A PING unanswered within the
-/// keepalive timeout closes it at once (the peer is gone; its streams with it).
+/// happens once it has carried no stream for the idle timeout (and a peer that does not let go
+/// after that GOAWAY is cut a keepalive interval and timeout later). A PING unanswered within
+/// the keepalive timeout closes it at once (the peer is gone; its streams with it).
+///
+/// Stream tasks belong to their connection: at most [`MAX_STREAMS`] run at once, streams the
+/// peer reset included (the next is refused with `REFUSED_STREAM` and counted); when the
+/// connection fails they are cut with it, and when it closes cleanly they get a keepalive
+/// timeout to finish writing to their apps. So nothing a connection started outlives it for
+/// long, and its admission permit (held by the caller until this returns) covers them all.
 pub async fn serve_connection<IO, I>(
     mut conn: h2::server::Connection<IO, Bytes>,
     peer: Identity,
@@ -489,11 +498,28 @@ pub async fn serve_connection<IO, I>(
     // timeouts after its last stream.
     let idle_tick = (limits.server_idle_timeout / 4).max(std::time::Duration::from_millis(10));
     let mut idle_since = Some(tokio::time::Instant::now());
+    // Set when the idle close sent GOAWAY: past it, the connection is cut.
+    let mut cut_at: Option<tokio::time::Instant> = None;
     let peer = Arc::new(peer);
     let mut draining = false;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut failed = false;
     loop {
+        while tasks.try_join_next().is_some() {}
+        let cut = async {
+            match cut_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let accepted = tokio::select! {
             accepted = conn.accept() => accepted,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            () = cut => {
+                debug!(peer = %peer, "the peer held on past the idle GOAWAY; connection cut");
+                failed = true;
+                break;
+            }
             _ = drain.wait_for(|d| *d), if !draining => {
                 debug!(peer = %peer, "draining: GOAWAY");
                 conn.graceful_shutdown();
@@ -510,6 +536,11 @@ pub async fn serve_connection<IO, I>(
                         debug!(peer = %peer, "no stream for the idle timeout: GOAWAY");
                         conn.graceful_shutdown();
                         draining = true;
+                        cut_at = Some(
+                            tokio::time::Instant::now()
+                                + limits.keepalive_interval
+                                + limits.keepalive_timeout,
+                        );
                     }
                 }
                 continue;
@@ -517,27 +548,55 @@ pub async fn serve_connection<IO, I>(
             () = &mut keepalive => {
                 count(|s| &s.keepalive_failed);
                 info!(peer = %peer, %source, "HBONE peer stopped answering PINGs; connection closed");
+                failed = true;
                 break;
             }
         };
-        let (request, respond) = match accepted {
+        let (request, mut respond) = match accepted {
             Some(Ok(stream)) => stream,
             Some(Err(e)) => {
                 debug!(peer = %peer, error = %e, "HBONE connection ended");
+                failed = true;
                 break;
             }
             None => break,
         };
         idle_since = None;
         stats.streams.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(serve_stream(
-            request,
-            respond,
-            (peer.clone(), source, local),
-            inbound.clone(),
-            stats.clone(),
-        ));
+        if tasks.len() >= MAX_STREAMS as usize {
+            count(|s| &s.refused_streams);
+            debug!(peer = %peer, "a stream past the connection's limit (reset streams still at work count): refused");
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+            continue;
+        }
+        let tunnel = bounds.counters.as_ref().map(|a| a.tunnel());
+        let admission = bounds.counters.clone();
+        let (peer, inbound, stats) = (peer.clone(), inbound.clone(), stats.clone());
+        tasks.spawn(
+            async move {
+                serve_stream(
+                    request,
+                    respond,
+                    (peer, source, local),
+                    inbound,
+                    stats,
+                    admission,
+                )
+                .await;
+                drop(tunnel);
+            }
+            .in_current_span(),
+        );
     }
+    drop(conn);
+    if !failed && !tasks.is_empty() {
+        // Closed cleanly: the streams' apps may still be taking their last bytes.
+        let _ = tokio::time::timeout(limits.keepalive_timeout, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+    }
+    tasks.abort_all();
     stats.closed.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -547,6 +606,7 @@ async fn serve_stream<I: Inbound>(
     (peer, source, local): (Arc<Identity>, IpAddr, SocketAddr),
     inbound: Arc<I>,
     stats: Arc<ServerStats>,
+    admission: Option<Arc<Admission>>,
 ) {
     let refuse = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
         let response = Response::builder()
@@ -576,8 +636,25 @@ async fn serve_stream<I: Inbound>(
         info!(target: "access", peer = %peer, src = %source, dst = %target, policy, "connection denied by policy (401)");
         return refuse(&mut respond, StatusCode::UNAUTHORIZED);
     }
+    // The app socket is a descriptor of the node's budget.
+    let _fd = match admission.as_ref().map(|a| a.charge(1)).transpose() {
+        Ok(fd) => fd,
+        Err(refused) => {
+            stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
+            info!(peer = %peer, %target, reason = refused.reason(), "no room for the app connection (503)");
+            return refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
     let client = client_address(request.headers(), source);
-    let mut app = match inbound.connect(target, &peer, client).await {
+    // A peer that resets the stream while the app is dialled gets the dial abandoned at once.
+    let dialled = tokio::select! {
+        dialled = inbound.connect(target, &peer, client) => dialled,
+        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+            debug!(peer = %peer, %target, "the peer reset the stream while its app was dialled");
+            return;
+        }
+    };
+    let mut app = match dialled {
         Ok(app) => app,
         Err(e) => {
             stats.upstream_failed.fetch_add(1, Ordering::Relaxed);

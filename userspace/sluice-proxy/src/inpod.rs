@@ -32,7 +32,7 @@ use crate::access::Access;
 use crate::copy::{self, CopyMode};
 use crate::hbone::{self, OpenError, ServerStats};
 use crate::identity::Identity;
-use crate::limits::Admission;
+use crate::limits::{Admission, PLAINTEXT_EXTRA_FDS};
 use crate::mesh::{MeshWatch, Protocol};
 use crate::metrics::{Labels, UNKNOWN};
 use crate::policy::{Connection, MtlsMode, Target, Verdict};
@@ -299,7 +299,9 @@ struct PodContext {
     app: Arc<AppDialer>,
     copy: CopyMode,
     stats: Arc<Stats>,
+    /// The node's bounds; this pod's connections count under its netns inode.
     admission: Arc<Admission>,
+    netns_inode: u64,
     mesh: Option<Arc<MeshContext>>,
     pod_mesh: Option<PodMesh>,
 }
@@ -387,6 +389,7 @@ impl PodProxy {
                         let hbone = socket::listen_in(&netns, socket::hbone_any_v6(), true)
                             .with_context(|| format!("listen on :{PORT_HBONE} in {}", where_()))?;
                         let listener = Arc::new(hbone::Listener {
+                            pod: netns_inode,
                             acceptor: tokio_rustls::TlsAcceptor::from(
                                 shared.certs.server_config(identity).with_context(|| {
                                     format!("TLS for {identity} of {}", where_())
@@ -442,6 +445,7 @@ impl PodProxy {
             copy: carry.copy,
             stats,
             admission: carry.admission.clone(),
+            netns_inode,
             mesh,
             pod_mesh,
         });
@@ -531,7 +535,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let permit = match ctx.admission.admit(peer.ip(), false) {
+        let permit = match ctx.admission.admit(ctx.netns_inode, peer.ip(), false) {
             Ok(permit) => permit,
             Err(refused) => {
                 debug!(pod = %ctx.uid, direction = direction.as_str(), src = %canonical(peer), reason = refused.reason(), "connection refused");
@@ -648,6 +652,15 @@ async fn serve(mut client: TcpStream, direction: Direction, ctx: &PodContext) {
         reset(client);
         return;
     }
+    // The upstream socket and the splice pipes are descriptors of the node's budget.
+    let _fds = match ctx.admission.charge(PLAINTEXT_EXTRA_FDS) {
+        Ok(fds) => fds,
+        Err(refused) => {
+            info!(dst = %dst, reason = refused.reason(), "no room for the upstream connection; reset");
+            reset(client);
+            return;
+        }
+    };
     let connected = match direction {
         // The client's tuple is held in this netns already (by the proxy's accepted socket or
         // by conntrack): any port but the client's.
@@ -755,8 +768,8 @@ async fn serve_outbound_mesh(
                     }
                 }
             }
-            _ => match socket::connect_in(&ctx.netns, target).await {
-                Ok(mut upstream) => {
+            _ => match connect_charged(ctx, target).await {
+                Ok((mut upstream, _fds)) => {
                     stats.tcp.opened(&labels);
                     let copied = copy::bidirectional(ctx.copy, &mut client, &mut upstream).await;
                     Ok((copied, None))
@@ -796,12 +809,28 @@ async fn serve_outbound_mesh(
     info!(target: "access", dst = %dst, service = plan.service.as_deref(), "connection refused: no upstream reachable");
 }
 
-/// Resolves when the captured client closes or resets its connection before sending
-/// anything; stays pending once it has sent data (the tunnel carries that, and a close after).
+/// A passthrough upstream connection from the pod's netns, its socket and splice pipes charged
+/// to the node's descriptor budget first.
+async fn connect_charged(
+    ctx: &PodContext,
+    target: SocketAddr,
+) -> std::io::Result<(TcpStream, crate::limits::FdCharge)> {
+    let fds = ctx
+        .admission
+        .charge(PLAINTEXT_EXTRA_FDS)
+        .map_err(|refused| std::io::Error::other(refused.reason()))?;
+    let upstream = socket::connect_in(&ctx.netns, target).await?;
+    Ok((upstream, fds))
+}
+
+/// Resolves when the captured client resets its connection before sending anything; stays
+/// pending once it has sent data or a FIN (the tunnel carries those).
 async fn client_gone(client: &TcpStream) {
     let mut byte = [0u8; 1];
     match client.peek(&mut byte).await {
-        Ok(0) | Err(_) => {}
+        Err(_) => {}
+        // Data, or a FIN: a client that half-closed may still read the answer, so only a
+        // reset counts as gone.
         Ok(_) => std::future::pending().await,
     }
 }

@@ -135,7 +135,12 @@ struct Args {
     #[arg(long, default_value_t = sluice_proxy::limits::DEFAULT_MAX_CONNECTIONS, value_parser = parse_count, env = "SLUICE_MAX_CONNECTIONS")]
     max_connections: usize,
 
-    /// Connections one source address (a pod, or a peer) may hold at once.
+    /// Connections served in one pod at once (its outbound and everything into it).
+    #[arg(long, default_value_t = 16_384, value_parser = parse_count, env = "SLUICE_MAX_CONNECTIONS_PER_POD")]
+    max_connections_per_pod: usize,
+
+    /// Connections one source address may hold into one pod (or a pod's own outbound) at once;
+    /// loopback sources count as one.
     #[arg(long, default_value_t = 4096, value_parser = parse_count, env = "SLUICE_MAX_CONNECTIONS_PER_SOURCE")]
     max_connections_per_source: usize,
 
@@ -146,6 +151,15 @@ struct Args {
     /// 15008 connections of one source address still in their handshake.
     #[arg(long, default_value_t = 64, value_parser = parse_count, env = "SLUICE_MAX_HANDSHAKES_PER_SOURCE")]
     max_handshakes_per_source: usize,
+
+    /// New 15008 handshakes one source address may start per second (twice that in a burst).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "SLUICE_HANDSHAKE_RATE_PER_SOURCE")]
+    handshake_rate_per_source: u32,
+
+    /// New handshakes one pod's 15008 accepts per second from all sources (twice that in a
+    /// burst).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=1_000_000), env = "SLUICE_HANDSHAKE_RATE_PER_POD")]
+    handshake_rate_per_pod: u32,
 
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SLUICE_LOG_JSON")]
@@ -282,6 +296,9 @@ async fn run(args: Args, set_log_level: admin::SetLogLevel) -> Result<()> {
         None => None,
     };
     let admission = Admission::new(limits(&args));
+    tokio::spawn(sluice_proxy::limits::trim_memory_when_connections_fall(
+        admission.clone(),
+    ));
     let readiness = Arc::new(Readiness::default());
     let served = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     let endpoints = Arc::new(Endpoints {
@@ -446,6 +463,10 @@ fn limits(args: &Args) -> Limits {
         max_per_source: args.max_connections_per_source,
         max_handshakes: args.max_handshakes,
         max_handshakes_per_source: args.max_handshakes_per_source,
+        handshake_rate_per_source: args.handshake_rate_per_source,
+        handshake_rate_per_pod: args.handshake_rate_per_pod,
+        max_per_pod: args.max_connections_per_pod,
+        fd_budget: usize::MAX,
     }
     .fit_to_open_files(sluice_proxy::limits::open_file_limit());
     info!(?limits, "connection bounds");

@@ -118,12 +118,14 @@ pub struct Pool<D: Dial> {
     dialer: D,
     idle_timeout: Duration,
     limits: Limits,
-    slots: Mutex<HashMap<PoolKey, Arc<Slot>>>,
+    slots: Arc<Slots>,
     /// TLS + HTTP/2 handshakes done, for metrics and tests (may be shared between pools).
     pub handshakes: Arc<AtomicU64>,
     /// Where deadlines hit are counted (the node's admission counters in the proxy).
     counters: Option<Arc<Admission>>,
 }
+
+type Slots = Mutex<HashMap<PoolKey, Arc<Slot>>>;
 
 #[derive(Default)]
 struct Slot {
@@ -206,7 +208,7 @@ impl<D: Dial> Pool<D> {
             dialer,
             idle_timeout,
             limits,
-            slots: Mutex::new(HashMap::new()),
+            slots: Arc::default(),
             handshakes: Arc::default(),
             counters: None,
         })
@@ -224,7 +226,7 @@ impl<D: Dial> Pool<D> {
             dialer,
             idle_timeout,
             limits: admission.limits().clone(),
-            slots: Mutex::new(HashMap::new()),
+            slots: Arc::default(),
             handshakes,
             counters: Some(admission),
         })
@@ -354,6 +356,7 @@ impl<D: Dial> Pool<D> {
                             Ok(conn)
                         }
                         Err(e) => {
+                            prune_slot(&self.slots, key, &slot);
                             info!(addr = %key.addr, destination = %key.destination, error = %e, "HBONE dial failed");
                             let _ = outcome.send(Some(Err(DialFailure::of(&e))));
                             Err(e)
@@ -366,13 +369,27 @@ impl<D: Dial> Pool<D> {
 
     /// Connections currently pooled for `key` (tests and metrics).
     pub async fn connections(&self, key: &PoolKey) -> usize {
-        let slot = self.slot(key);
-        let state = slot.lock();
-        state
-            .conns
-            .iter()
-            .filter(|c| !c.closed.load(Ordering::Acquire))
-            .count()
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .cloned();
+        slot.map_or(0, |slot| {
+            slot.lock()
+                .conns
+                .iter()
+                .filter(|c| !c.closed.load(Ordering::Acquire))
+                .count()
+        })
+    }
+
+    /// Keys with a slot (tests: slots of keys no longer used go away).
+    pub fn keys(&self) -> usize {
+        self.slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     fn slot(&self, key: &PoolKey) -> Arc<Slot> {
@@ -385,6 +402,17 @@ impl<D: Dial> Pool<D> {
     }
 
     async fn connect(&self, key: &PoolKey, slot: &Arc<Slot>) -> Result<Arc<Conn>, PoolError> {
+        // The connection's socket is a descriptor of the node's budget while it lives.
+        let fd = match self.counters.as_ref().map(|a| a.charge(1)).transpose() {
+            Ok(fd) => fd,
+            Err(refused) => {
+                return Err(PoolError::Dial {
+                    addr: key.addr,
+                    destination: key.destination.clone(),
+                    source: io::Error::other(refused.reason()),
+                });
+            }
+        };
         let io = self
             .dialer
             .dial(key)
@@ -419,6 +447,7 @@ impl<D: Dial> Pool<D> {
         let addr = key.addr;
         let keepalive_failed = self.counters.clone();
         tokio::spawn(async move {
+            let _fd = fd;
             let keepalive = async {
                 match keepalive {
                     Some(keepalive) => keepalive.await,
@@ -444,17 +473,43 @@ impl<D: Dial> Pool<D> {
         });
         tokio::spawn(close_when_idle(
             Arc::downgrade(&conn),
-            Arc::downgrade(slot),
+            (
+                Arc::downgrade(slot),
+                Arc::downgrade(&self.slots),
+                key.clone(),
+            ),
             self.idle_timeout,
         ));
         Ok(conn)
     }
 }
 
-/// Drops `conn` from its slot once it has carried no stream for `idle`. Checked under the
-/// slot's lock, where streams are counted on, so a connection is never retired just as a
-/// caller takes it.
-async fn close_when_idle(conn: Weak<Conn>, slot: Weak<Slot>, idle: Duration) {
+/// Removes `key`'s slot from the pool if it is still `slot` and has neither a connection nor
+/// a dial in flight. A caller that took the slot just before keeps using it; the next one
+/// makes a new slot.
+fn prune_slot(slots: &Slots, key: &PoolKey, slot: &Arc<Slot>) {
+    // Lock order: the pool's map, then a slot (as `slot()` then `checkout`).
+    let mut slots = slots.lock().unwrap_or_else(PoisonError::into_inner);
+    let unused = slots.get(key).is_some_and(|s| {
+        Arc::ptr_eq(s, slot) && {
+            let state = s.lock();
+            state.conns.is_empty() && state.dialing.is_none()
+        }
+    });
+    if unused {
+        slots.remove(key);
+    }
+}
+
+/// Drops `conn` from its slot once it has carried no stream for `idle` (or its driver
+/// stopped), and the slot from the pool once it has no connection and no dial, so the pool
+/// holds only keys in use. Checked under the slot's lock, where streams are counted on, so a
+/// connection is never retired just as a caller takes it.
+async fn close_when_idle(
+    conn: Weak<Conn>,
+    (slot, slots, key): (Weak<Slot>, Weak<Slots>, PoolKey),
+    idle: Duration,
+) {
     loop {
         let wake = {
             let (Some(conn), Some(slot)) = (conn.upgrade(), slot.upgrade()) else {
@@ -469,6 +524,10 @@ async fn close_when_idle(conn: Weak<Conn>, slot: Weak<Slot>, idle: Duration) {
             if closed || (conn.active.load(Ordering::Acquire) == 0 && last.elapsed() >= idle) {
                 conn.closed.store(true, Ordering::Release);
                 state.conns.retain(|c| !Arc::ptr_eq(c, &conn));
+                drop(state);
+                if let Some(slots) = slots.upgrade() {
+                    prune_slot(&slots, &key, &slot);
+                }
                 return;
             }
             last + idle

@@ -70,6 +70,19 @@ struct Pod {
     changes: tokio::sync::watch::Sender<u64>,
     /// The client address each dial to the app was asked to carry.
     clients: std::sync::Mutex<Vec<SocketAddr>>,
+    /// Dials never complete (an app whose backlog is full): for streams reset mid-dial.
+    hang_dials: std::sync::atomic::AtomicBool,
+    /// Dials in progress now.
+    dialling: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts a dial in progress until dropped (done or abandoned).
+struct Dialling(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Dialling {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Pod {
@@ -126,7 +139,16 @@ impl Inbound for Pod {
         client: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<AppStream>> + Send + '_>> {
         self.clients.lock().unwrap().push(client);
-        Box::pin(async move { TcpStream::connect(target).await.map(AppStream::from) })
+        self.dialling.fetch_add(1, Ordering::SeqCst);
+        let dialling = Dialling(self.dialling.clone());
+        let hang = self.hang_dials.load(Ordering::SeqCst);
+        Box::pin(async move {
+            let _dialling = dialling;
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            TcpStream::connect(target).await.map(AppStream::from)
+        })
     }
 }
 
@@ -269,6 +291,7 @@ fn bounded_server_on(
     let addr = listener.local_addr().unwrap();
     let admission = Admission::new(limits);
     let server = Arc::new(hbone::Listener {
+        pod: 0,
         acceptor: tokio_rustls::TlsAcceptor::from(store.server_config(local).unwrap()),
         trust_domain: TD.to_owned(),
         stats: Arc::new(ServerStats::default()),
@@ -1503,4 +1526,119 @@ async fn a_caller_that_goes_away_mid_dial_leaves_the_next_one_to_dial_afresh() {
     };
     wait_for(|| accepted.load(Ordering::SeqCst) == 2).await;
     second.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_reset_mid_dial_abandon_their_dials_and_a_connection_runs_at_most_its_stream_limit()
+{
+    let dir = TempDir::new("reset-dials");
+    let store = store(&dir);
+    let ca = Ca::load(&dir.0).unwrap();
+    let app = echo_app().await;
+    let inbound = Arc::new(Pod::default());
+    inbound.hang_dials.store(true, Ordering::SeqCst);
+    let listener = TcpListener::bind((host_ip(), 0)).await.unwrap();
+    let (server, _stats, _drain, admission) = bounded_server_on(
+        listener,
+        &store,
+        &id("productpage"),
+        inbound.clone(),
+        Limits::default(),
+    );
+    let send = h2_as_sleep(&ca, server).await;
+    // Ten rounds of a full connection's worth of CONNECTs, each reset once its dial started:
+    // without the reset ending the dial, a thousand would be in flight on one connection.
+    for round in 0..10 {
+        let mut pending = Vec::new();
+        for _ in 0..hbone::MAX_STREAMS {
+            let mut ready = send.clone().ready().await.unwrap();
+            let request = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(app.to_string())
+                .body(())
+                .unwrap();
+            pending.push(ready.send_request(request, false).unwrap());
+        }
+        let want = hbone::MAX_STREAMS as usize;
+        wait_for(|| inbound.dialling.load(Ordering::SeqCst) == want).await;
+        drop(pending);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while inbound.dialling.load(Ordering::SeqCst) > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: {} dials still run after their streams were reset",
+                inbound.dialling.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert_eq!(
+        admission.stats.refused_streams.load(Ordering::Relaxed),
+        0,
+        "reset streams whose work ended leave room for new ones"
+    );
+    // Once the dials complete again, the connection still tunnels.
+    inbound.hang_dials.store(false, Ordering::SeqCst);
+    still_tunnels(&send, app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_into_an_app_that_never_reads_ends_when_its_connection_dies() {
+    let dir = TempDir::new("stuck-app");
+    let store = store(&dir);
+    let ca = Ca::load(&dir.0).unwrap();
+    // An app that accepts and never reads, handing its socket to the test.
+    let app_listener = TcpListener::bind((host_ip(), 0)).await.unwrap();
+    let app = app_listener.local_addr().unwrap();
+    let listener = TcpListener::bind((host_ip(), 0)).await.unwrap();
+    let (server, stats, _drain, admission) = bounded_server_on(
+        listener,
+        &store,
+        &id("productpage"),
+        Arc::new(Pod::default()),
+        Limits::default(),
+    );
+    let issued = ca.issue(&id("sleep"), Duration::from_secs(600)).unwrap();
+    let tls = raw_client(
+        server,
+        &[&rustls::version::TLS13],
+        Some((issued.chain, issued.key)),
+    )
+    .await
+    .unwrap();
+    let (send, conn) = hbone::client_builder()
+        .handshake::<_, Bytes>(tls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let mut tunnel = hbone::open_stream(send.clone(), app, client_addr())
+        .await
+        .unwrap();
+    let (mut app_side, _) = app_listener.accept().await.unwrap();
+    // Fill the app's receive buffer and the proxy's socket to it: the proxy's stream task is
+    // now blocked writing to an app that does not read.
+    let chunk = vec![7u8; 64 * 1024];
+    for _ in 0..64 {
+        if tokio::time::timeout(Duration::from_millis(200), tunnel.write_all(&chunk))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    // The peer vanishes: its connection is gone, and with it the permit.
+    driver.abort();
+    drop((tunnel, send));
+    wait_for(|| admission.held() == (0, 0)).await;
+    wait_for(|| stats.closed.load(Ordering::Relaxed) == 1).await;
+    // The app sees its connection end: nothing of the dead connection lingers in the proxy.
+    let mut sink = vec![0u8; 1 << 20];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, app_side.read(&mut sink)).await {
+            Err(_) => panic!("the proxy still holds its connection to the app"),
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(_)) => {}
+        }
+    }
 }
