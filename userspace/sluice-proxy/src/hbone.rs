@@ -980,8 +980,18 @@ pub async fn copy(
             AsRef::<tokio::net::TcpStream>::as_ref(&tcp_read)
                 .readable()
                 .await?;
-            buf.reserve(COPY_BUFFER);
-            let n = tcp_read.read_buf(&mut buf).await?;
+            // Room in the peer's window first, then read at most that: a stream whose peer
+            // stopped reading holds no buffer here, only the app's bytes in the kernel.
+            send.reserve_capacity(COPY_BUFFER);
+            let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
+                .await
+                .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?
+                .map_err(h2_io)?;
+            let room = granted.min(COPY_BUFFER);
+            buf.reserve(room);
+            let n = tcp_read
+                .read_buf(&mut bytes::BufMut::limit(&mut buf, room))
+                .await?;
             if n == 0 {
                 // The app half-closed: END_STREAM (already ended or reset is fine).
                 match send.send_data(Bytes::new(), true) {
@@ -990,16 +1000,7 @@ pub async fn copy(
                 }
             }
             total += n as u64;
-            let mut chunk = buf.split().freeze();
-            while !chunk.is_empty() {
-                send.reserve_capacity(chunk.len());
-                let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
-                    .await
-                    .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?
-                    .map_err(h2_io)?;
-                let part = chunk.split_to(granted.min(chunk.len()));
-                send.send_data(part, false).map_err(h2_io)?;
-            }
+            send.send_data(buf.split().freeze(), false).map_err(h2_io)?;
         }
     };
     let from_tunnel = async {
