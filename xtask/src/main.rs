@@ -3,6 +3,7 @@
 //! Kept cheap to compile (clap + anyhow): the heavy lifting lives in the project's own binaries,
 //! which the subcommands build and run.
 
+mod fuzz;
 mod setup;
 mod vm;
 
@@ -23,9 +24,9 @@ enum Cmd {
     /// Install what building and testing need (apt packages, bpf-linker, nightly rust-src, bpffs);
     /// idempotent, prints each step it takes.
     Setup,
-    /// Run every test tier (unit, BPF, netns end-to-end for both capture backends), then the
-    /// end-to-end tests (capture, HBONE) again on the oldest supported kernel (5.10) under QEMU.
-    /// Needs root.
+    /// Run every test tier (unit, BPF, netns end-to-end for both capture backends, a fuzz
+    /// smoke), then the end-to-end tests (capture, HBONE) again on the oldest supported kernel
+    /// (5.10) under QEMU. Needs root.
     Test {
         /// Skip the 5.10 kernel leg (a quicker loop while developing; CI never skips it).
         #[arg(long)]
@@ -61,6 +62,16 @@ enum Cmd {
         jobs: u32,
         /// Only run tests whose names contain one of these.
         filter: Vec<String>,
+    },
+    /// Run the fuzz targets of fuzz/ (cargo-fuzz and nightly, installed if missing): each
+    /// replays its regression inputs, then fuzzes for --seconds; a crash fails and names its input.
+    Fuzz {
+        /// Seconds of fuzzing per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (cni_plugin, zds_decode, pods_file, mesh_file, policy, hbone_server);
+        /// all of them if none is named.
+        targets: Vec<String>,
     },
     /// Render deploy/chart/sluice into deploy/manifests/sluice.yaml (helm template with the
     /// chart's defaults); run it after changing the chart, the manifests test checks they agree.
@@ -110,6 +121,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Fuzz { seconds, targets } => fuzz::command(seconds, &targets),
         Cmd::RenderManifests => {
             setup::ensure()?;
             let root = setup::workspace_root()?;
@@ -134,7 +146,8 @@ fn wants_help(args: &[String]) -> bool {
 }
 
 /// The README's test command: every tier, nothing skipped. The end-to-end tests spawn the
-/// workspace's binaries, so those are built first in the same profile. Then the kernel leg: the
+/// workspace's binaries, so those are built first in the same profile. Then each fuzz target
+/// for [`fuzz::SMOKE_SECONDS`] after its regression inputs. Then the kernel leg: the
 /// eBPF load and capture tests on the oldest supported kernel, booted under QEMU. Ends with one
 /// total line, `N passed, N failed`, summed over every test binary and the kernel leg.
 fn test(host_only: bool, extra: &[String]) -> Result<()> {
@@ -164,6 +177,18 @@ fn test(host_only: bool, extra: &[String]) -> Result<()> {
     let mut problems = Vec::new();
     if !status.success() || failed > 0 {
         problems.push(format!("tests on this machine failed ({status})"));
+    }
+    // Every fuzz target briefly, after replaying the inputs that once crashed it.
+    match fuzz::run(fuzz::SMOKE_SECONDS, &[]) {
+        Ok(fuzzed) => {
+            passed += fuzzed.passed;
+            failed += fuzzed.failures.len() as u64;
+            problems.extend(fuzzed.failures);
+        }
+        Err(e) => {
+            failed += 1;
+            problems.push(format!("fuzz targets: {e:#}"));
+        }
     }
     if !host_only {
         eprintln!(

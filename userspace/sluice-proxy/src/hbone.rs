@@ -675,15 +675,25 @@ async fn serve_stream<I: Inbound>(
     };
     stats.tunnelled.fetch_add(1, Ordering::Relaxed);
     inbound.tunnel_opened(target, &peer, source);
-    let access = crate::access::Access {
-        direction: "inbound",
-        src: source.to_string(),
-        dst: target.to_string(),
-        upstream: None,
-        src_identity: Some(peer.to_string()),
-        dst_identity: inbound.local_identity(),
-        hbone: true,
-        started: std::time::Instant::now(),
+    // Reported closed (metrics and access log) however this task ends: the copy done, a
+    // policy change, or cut with its connection (the task aborted).
+    let mut end = TunnelEnd {
+        inbound: &*inbound,
+        target,
+        peer: &peer,
+        source,
+        access: crate::access::Access {
+            direction: "inbound",
+            src: source.to_string(),
+            dst: target.to_string(),
+            upstream: None,
+            src_identity: Some(peer.to_string()),
+            dst_identity: inbound.local_identity(),
+            hbone: true,
+            started: std::time::Instant::now(),
+        },
+        outcome: None,
+        logged: false,
     };
     let mut tunnel = H2Stream::new(send, request.into_body());
     let _ = app.stream.set_nodelay(true);
@@ -691,18 +701,45 @@ async fn serve_stream<I: Inbound>(
         copied = copy(&mut tunnel, &mut app.stream) => copied,
         policy = revoked(&*inbound, target, &peer, source) => {
             stats.denied.fetch_add(1, Ordering::Relaxed);
-            inbound.tunnel_closed(target, &peer, source, 0, 0);
             info!(target: "access", peer = %peer, src = %source, dst = %target, policy, "tunnel closed: a policy change denies it");
+            end.logged = true;
             return;
         }
     };
-    let (from_client, to_client) = copied.as_ref().map_or((0, 0), |c| *c);
-    inbound.tunnel_closed(target, &peer, source, from_client, to_client);
     if let Ok((from_client, to_client)) = &copied {
         stats.bytes_in.fetch_add(*from_client, Ordering::Relaxed);
         stats.bytes_out.fetch_add(*to_client, Ordering::Relaxed);
     }
-    access.closed(&copied);
+    end.outcome = Some(copied);
+}
+
+/// The end of an inbound tunnel, reported when dropped: to [`Inbound::tunnel_closed`] with the
+/// bytes moved (none if it did not end by itself) and to the access log, unless already
+/// logged.
+struct TunnelEnd<'a, I: Inbound> {
+    inbound: &'a I,
+    target: SocketAddr,
+    peer: &'a Identity,
+    source: IpAddr,
+    access: crate::access::Access,
+    outcome: Option<io::Result<(u64, u64)>>,
+    logged: bool,
+}
+
+impl<I: Inbound> Drop for TunnelEnd<'_, I> {
+    fn drop(&mut self) {
+        let (from_client, to_client) = match &self.outcome {
+            Some(Ok(bytes)) => *bytes,
+            _ => (0, 0),
+        };
+        self.inbound
+            .tunnel_closed(self.target, self.peer, self.source, from_client, to_client);
+        if !self.logged {
+            let cut = || Err(io::Error::other("cut: its HBONE connection ended"));
+            self.access
+                .closed(self.outcome.as_ref().map_or(&cut(), |outcome| outcome));
+        }
+    }
 }
 
 /// Resolves once a policy change denies `peer` → `target`; never without policy changes.
@@ -983,10 +1020,13 @@ pub async fn copy(
             // Room in the peer's window first, then read at most that: a stream whose peer
             // stopped reading holds no buffer here, only the app's bytes in the kernel.
             send.reserve_capacity(COPY_BUFFER);
-            let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
-                .await
-                .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?
-                .map_err(h2_io)?;
+            let mut granted = send.capacity();
+            while granted == 0 {
+                granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
+                    .await
+                    .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?
+                    .map_err(h2_io)?;
+            }
             let room = granted.min(COPY_BUFFER);
             buf.reserve(room);
             let n = tcp_read
@@ -1001,6 +1041,9 @@ pub async fn copy(
             }
             total += n as u64;
             send.send_data(buf.split().freeze(), false).map_err(h2_io)?;
+            // Give back the window reserved and not used: a quiet stream must hold none of its
+            // connection's window, or a hundred quiet streams starve the ones that speak.
+            send.reserve_capacity(0);
         }
     };
     let from_tunnel = async {

@@ -309,7 +309,9 @@ fn classify(object: &serde_yaml::Value) -> Result<(), String> {
     if name.is_empty() {
         return Err("no metadata.name".to_owned());
     }
-    Ok(())
+    // The reader skips (with a warning) an object it cannot place, one whose namespace is not
+    // a string say: such an object must refuse the file as well.
+    crate::policy::readable(object).map_err(|e| format!("unreadable metadata: {e}"))
 }
 
 fn line_hint(text: &str, needle: &str) -> String {
@@ -514,6 +516,14 @@ services:
                 "no apiVersion",
             ),
             ("  - just a string\n", "no apiVersion"),
+            (
+                "  - {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: deny-admin, namespace: 5}, spec: {action: DENY}}\n",
+                "unreadable metadata",
+            ),
+            (
+                "  - {apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: deny-admin, namespace: }, spec: {action: DENY}}\n",
+                "unreadable metadata",
+            ),
         ] {
             let err = parse(&with(policy))
                 .err()

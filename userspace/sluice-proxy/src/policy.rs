@@ -531,6 +531,7 @@ fn strictness(mode: MtlsMode) -> u8 {
 
 mod read;
 use read::read_object;
+pub(crate) use read::readable;
 
 #[cfg(test)]
 mod tests;

@@ -1651,3 +1651,37 @@ async fn a_tunnel_into_an_app_that_never_reads_ends_when_its_connection_dies() {
         }
     }
 }
+
+/// A connection's hundred streams, each quiet after a first exchange, still all carry their
+/// next one: a quiet stream holds none of the connection's flow-control window (had each kept
+/// what it reserved for a full copy buffer, the 16 MiB window would have run dry at 64).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_streams_leave_the_connection_window_to_the_ones_that_speak() {
+    let dir = TempDir::new("quiet-streams");
+    let store = store(&dir);
+    let app = echo_app().await;
+    let (server, _stats) = hbone_server(&store, &id("productpage")).await;
+    let pool = pool(&store, Duration::from_secs(30));
+    let key = key("sleep", "productpage", server);
+    let mut tunnels = Vec::new();
+    for _ in 0..hbone::MAX_STREAMS {
+        tunnels.push(pool.open(&key, app, client_addr()).await.unwrap());
+    }
+    assert_eq!(
+        pool.connections(&key).await,
+        1,
+        "one connection carries them all"
+    );
+    for round in 0..3 {
+        for (i, tunnel) in tunnels.iter_mut().enumerate() {
+            let message = format!("round {round} tunnel {i:03}");
+            tunnel.write_all(message.as_bytes()).await.unwrap();
+            let mut back = vec![0u8; message.len()];
+            tokio::time::timeout(WAIT, tunnel.read_exact(&mut back))
+                .await
+                .unwrap_or_else(|_| panic!("tunnel {i} starved in round {round}"))
+                .unwrap();
+            assert_eq!(back, message.as_bytes());
+        }
+    }
+}

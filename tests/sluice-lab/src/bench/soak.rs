@@ -226,7 +226,7 @@ pub fn run(args: &SoakArgs, out_dir: &std::path::Path) -> Result<()> {
         (1..=600).contains(&args.seconds) && (0.5..=60.0).contains(&args.rr_seconds),
         "--seconds must be 1..=600 and --rr-seconds 0.5..=60"
     );
-    raise_open_files()?;
+    let open_files = raise_open_files()?;
     let mut pods: Vec<PodSpec> = CLIENT_NAMES[..args.pods]
         .iter()
         .enumerate()
@@ -353,6 +353,7 @@ pub fn run(args: &SoakArgs, out_dir: &std::path::Path) -> Result<()> {
             args.connections, args.pods, args.seconds, args.trickle, args.churn, args.rr_seconds, args.flood_concurrency
         ),
         "connections": args.connections,
+        "open_file_limit": open_files,
         "opened": opened,
         "open_seconds": open_seconds,
         "held_seconds": held_seconds,
@@ -422,25 +423,50 @@ fn print_summary(report: &serde_json::Value) {
 
 /// As a node's container runtime does (containerd gives 1,048,576), lifts this process's
 /// open-file limit, hard and soft, so the proxies and workloads it starts inherit room for
-/// tens of thousands of sockets (the proxy fits its connection bound under its limit).
-fn raise_open_files() -> Result<()> {
+/// tens of thousands of sockets (the proxy fits its bounds under its limit). Where the hard
+/// limit cannot be raised (no `CAP_SYS_RESOURCE`), the soft one goes up to it; returns the
+/// limit the soak runs with.
+fn raise_open_files() -> Result<u64> {
     let want: libc::rlim_t = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(1 << 20)
         .min(1 << 20);
-    let limit = libc::rlimit {
+    let raised = libc::rlimit {
         rlim_cur: want,
         rlim_max: want,
     };
     // SAFETY: setrlimit reads a valid rlimit struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-        bail!(
-            "raise the open-file limit to {want}: {} (the soak needs root)",
-            std::io::Error::last_os_error()
-        );
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        return Ok(want);
     }
-    Ok(())
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            bail!(
+                "read the open-file limit: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            bail!(
+                "raise the open-file limit to {}: {}",
+                limit.rlim_max,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    eprintln!(
+        "soak: the open-file limit stays at {} here (raising it needs CAP_SYS_RESOURCE); each \
+         proxy fits its bounds under it",
+        limit.rlim_max
+    );
+    Ok(limit.rlim_max)
 }
 
 /// Starts `app soak-serve` on `addr` in `place` and waits until it listens.

@@ -142,6 +142,16 @@ struct MtlsSpec {
     mode: Option<MtlsMode>,
 }
 
+/// Whether `value` has the shape [`read_object`] needs to put it anywhere (`apiVersion`,
+/// `kind` and `metadata.name` strings, `metadata.namespace` a string or absent); `Err` says
+/// what is wrong. An object without it is skipped with a warning, so a mesh file that has one
+/// is refused whole instead (see `mesh.rs`): the skipped object could be a DENY.
+pub(crate) fn readable(value: &serde_yaml::Value) -> Result<(), String> {
+    serde_yaml::from_value::<Object>(value.clone())
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// Reads object `i` into `into`, reporting problems in `warnings`.
 pub(super) fn read_object(
     i: usize,
