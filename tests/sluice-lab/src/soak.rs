@@ -18,6 +18,9 @@ use crate::app::raise_nofile;
 
 /// The bytes one trickle round trip carries each way.
 const TRICKLE: &[u8] = b"soak-trickle-16b";
+/// How long a trickle round trip may take before it counts as an error (short, so a holder
+/// with dead connections still stops promptly when told).
+const TRICKLE_WAIT: Duration = Duration::from_secs(2);
 /// Connections opened at once while the holder fills up.
 const OPENING_AT_ONCE: usize = 64;
 
@@ -121,7 +124,7 @@ async fn open(to: SocketAddr) -> Result<BufReader<TcpStream>> {
 async fn trickle(conn: &mut BufReader<TcpStream>) -> Result<()> {
     conn.get_mut().write_all(TRICKLE).await?;
     let mut back = [0u8; TRICKLE.len()];
-    tokio::time::timeout(WAIT, conn.read_exact(&mut back))
+    tokio::time::timeout(TRICKLE_WAIT, conn.read_exact(&mut back))
         .await
         .context("no echo in time")??;
     anyhow::ensure!(back == TRICKLE, "the echo came back altered");
