@@ -317,6 +317,18 @@ pub async fn accept(
             debug!(%remote, reason = refused.reason(), "HBONE connection refused");
             // RST, not FIN: nothing lingers in TIME_WAIT on our side for a flood.
             let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+            // A source over its handshake rate is answered slowly (while there is room to
+            // hold it): a flooding loop then waits on each refusal instead of spinning through
+            // them, and spends neither its CPU nor ours on the node's other tunnels.
+            if matches!(
+                refused,
+                crate::limits::Refused::SourceHandshakeRate
+                    | crate::limits::Refused::PodHandshakeRate
+            ) && let Some(slow) = listener.admission.slow_refusal()
+            {
+                tokio::time::sleep(crate::limits::SLOW_REFUSAL).await;
+                drop(slow);
+            }
             return;
         }
     };

@@ -39,6 +39,12 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
 /// and, for splice, two pipes of two ends each.
 pub const PLAINTEXT_EXTRA_FDS: usize = 5;
 
+/// How long a connection refused for its handshake rate is held before its reset.
+pub const SLOW_REFUSAL: Duration = Duration::from_secs(1);
+/// Refused connections held at once, node-wide (each one descriptor, within [`FD_HEADROOM`]);
+/// past it refusals are reset at once.
+pub const MAX_SLOW_REFUSALS: usize = 256;
+
 /// Which pod a connection is served in: its netns inode (0 outside any pod, in tests).
 pub type PodKey = u64;
 
@@ -221,10 +227,12 @@ pub struct LimitStats {
     pub connect_timeouts: AtomicU64,
     /// Outbound tunnels given up because the captured client reset while waiting.
     pub client_gone: AtomicU64,
+    /// Refusals for a handshake rate held [`SLOW_REFUSAL`] before their reset.
+    pub slow_refusals: AtomicU64,
 }
 
 impl LimitStats {
-    pub fn snapshot(&self) -> [(&'static str, u64); 14] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 15] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("refused_node", get(&self.refused_node)),
@@ -253,6 +261,7 @@ impl LimitStats {
             ("keepalive_failed", get(&self.keepalive_failed)),
             ("connect_timeout", get(&self.connect_timeouts)),
             ("client_gone", get(&self.client_gone)),
+            ("slow_refusals", get(&self.slow_refusals)),
         ]
     }
 
@@ -371,6 +380,17 @@ pub struct Admission {
     /// Tunnels served into pods now (streams of accepted HBONE connections): work the
     /// connection counts do not show, for [`trim_memory_when_connections_fall`].
     tunnels: AtomicUsize,
+    /// Refused connections held now ([`Admission::slow_refusal`]).
+    slow: AtomicUsize,
+}
+
+/// One refused connection held before its reset; gives its room back on drop.
+pub struct SlowRefusal(Arc<Admission>);
+
+impl Drop for SlowRefusal {
+    fn drop(&mut self) {
+        self.0.slow.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts one inbound tunnel while it lives.
@@ -412,11 +432,28 @@ impl Admission {
             counts: Mutex::default(),
             stats: LimitStats::default(),
             tunnels: AtomicUsize::new(0),
+            slow: AtomicUsize::new(0),
         })
     }
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Room to hold one more refused connection for [`SLOW_REFUSAL`] (at most
+    /// [`MAX_SLOW_REFUSALS`] node-wide); `None`: reset it now.
+    pub fn slow_refusal(self: &Arc<Self>) -> Option<SlowRefusal> {
+        let taken = self
+            .slow
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_SLOW_REFUSALS).then_some(n + 1)
+            })
+            .is_ok();
+        if !taken {
+            return None;
+        }
+        self.stats.slow_refusals.fetch_add(1, Ordering::Relaxed);
+        Some(SlowRefusal(self.clone()))
     }
 
     /// Counts an inbound tunnel until the guard drops.
@@ -824,6 +861,20 @@ mod tests {
         );
         // A refused handshake takes no token from the source.
         assert!(admission.admit(OTHER_POD, ip("10.0.1.99"), true).is_ok());
+    }
+
+    #[test]
+    fn slow_refusals_are_bounded_node_wide() {
+        let admission = Admission::new(Limits::default());
+        let held: Vec<SlowRefusal> = (0..MAX_SLOW_REFUSALS)
+            .map(|_| admission.slow_refusal().unwrap())
+            .collect();
+        assert!(
+            admission.slow_refusal().is_none(),
+            "past the bound: reset at once"
+        );
+        drop(held);
+        assert!(admission.slow_refusal().is_some());
     }
 
     #[test]

@@ -176,6 +176,52 @@ fn rr(place: &Placement, to: SocketAddr, seconds: f64) -> Result<(f64, f64)> {
     ))
 }
 
+/// Each proxy's usage once its memory has settled after a load closed: read every second
+/// until two readings in a row are within 2% (the proxy returns freed memory a few seconds
+/// after its load falls), at most 20 s.
+fn settled(cluster: &Cluster) -> Result<Vec<Usage>> {
+    let mut last: Vec<Usage> = cluster.proxies.iter().map(usage).collect::<Result<_>>()?;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_secs(1));
+        let now: Vec<Usage> = cluster.proxies.iter().map(usage).collect::<Result<_>>()?;
+        let steady = now
+            .iter()
+            .zip(&last)
+            .all(|(n, l)| n.rss_kb.abs_diff(l.rss_kb) * 50 <= l.rss_kb.max(1));
+        last = now;
+        if steady {
+            break;
+        }
+    }
+    Ok(last)
+}
+
+/// Opens the load once and closes it: the warm-up round.
+fn warm_up(cluster: &Cluster, echo: SocketAddr, args: &SoakArgs) -> Result<()> {
+    let per_pod = args.connections.div_ceil(args.pods);
+    let mut left = args.connections;
+    let mut holders = Vec::new();
+    for name in &CLIENT_NAMES[..args.pods] {
+        let count = per_pod.min(left);
+        left -= count;
+        holders.push(Holder::start(
+            &cluster.pod(name).place(),
+            echo,
+            count,
+            args,
+        )?);
+    }
+    let mut opened = 0;
+    for holder in &mut holders {
+        opened += holder.opened()?;
+    }
+    for holder in holders {
+        holder.finish()?;
+    }
+    eprintln!("soak: warm-up round: {opened} tunnels opened and closed");
+    Ok(())
+}
+
 /// Waits (bounded) until both proxies hold at most `want` connections each.
 fn wait_released(cluster: &Cluster, want: u64) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -198,12 +244,15 @@ fn wait_released(cluster: &Cluster, want: u64) -> Result<()> {
 #[derive(Serialize)]
 struct ProxyReport {
     node: usize,
+    /// Before any load.
+    cold: Usage,
+    /// After the warm-up round closed.
     before: Usage,
     peak: Usage,
     after: Usage,
-    /// (peak − before) RSS over the tunnels held at the peak.
+    /// (peak − cold) RSS over the tunnels held at the peak.
     rss_per_connection_kb: f64,
-    /// after / before RSS.
+    /// after / before RSS (after the measured round vs after the warm-up round).
     rss_after_ratio: f64,
 }
 
@@ -245,8 +294,17 @@ pub fn run(args: &SoakArgs, out_dir: &std::path::Path) -> Result<()> {
     let probe = cluster.pod("probe").place();
     // One round trip first, so the probe's tunnel pool exists in "before".
     rr(&probe, echo, 0.5)?;
-    let before: Vec<Usage> = cluster.proxies.iter().map(usage).collect::<Result<_>>()?;
-    eprintln!("soak: before: {before:?}");
+    let cold: Vec<Usage> = cluster.proxies.iter().map(usage).collect::<Result<_>>()?;
+    eprintln!("soak: cold (before any load): {cold:?}");
+    // A warm-up round of the same size, opened and closed: the allocator keeps what it once
+    // needed (glibc's arenas), so the leak check compares the proxies after the measured round
+    // with the proxies after this one. A leak would grow round over round.
+    warm_up(&cluster, echo, args)?;
+    let baseline_held = cold.iter().map(|u| u.held).max().unwrap_or(0);
+    wait_released(&cluster, baseline_held)?;
+    std::thread::sleep(Duration::from_secs(6));
+    let before = settled(&cluster)?;
+    eprintln!("soak: before (after a warm-up round): {before:?}");
     let (rr_idle_p50, rr_idle_p99) = rr(&probe, echo, args.rr_seconds)?;
     eprintln!("soak: 64-byte RR without load: p50 {rr_idle_p50:.0} µs, p99 {rr_idle_p99:.0} µs");
 
@@ -323,21 +381,23 @@ pub fn run(args: &SoakArgs, out_dir: &std::path::Path) -> Result<()> {
     // The proxies give freed memory back within 5 s of their load falling
     // (`trim_memory_when_connections_fall`): "after" is measured once they had the chance.
     std::thread::sleep(Duration::from_secs(6));
-    let after: Vec<Usage> = cluster.proxies.iter().map(usage).collect::<Result<_>>()?;
+    let after = settled(&cluster)?;
     eprintln!("soak: after everything closed: {after:?}");
 
     let proxies: Vec<ProxyReport> = (0..cluster.proxies.len())
         .map(|node| {
-            let (b, p, a) = (before[node], peak[node], after[node]);
+            let (c, b, p, a) = (cold[node], before[node], peak[node], after[node]);
             // Each proxy carries every tunnel (node 0 as client sockets, node 1 as app
             // sockets), whatever its own count of accepted connections.
             let held = opened.max(1) as u64;
             ProxyReport {
                 node,
+                cold: c,
                 before: b,
                 peak: p,
                 after: a,
-                rss_per_connection_kb: p.rss_kb.saturating_sub(b.rss_kb) as f64 / held as f64,
+                // From cold: what holding the tunnels costs a proxy that never held them.
+                rss_per_connection_kb: p.rss_kb.saturating_sub(c.rss_kb) as f64 / held as f64,
                 rss_after_ratio: a.rss_kb as f64 / b.rss_kb.max(1) as f64,
             }
         })
@@ -389,9 +449,10 @@ fn print_summary(report: &serde_json::Value) {
     if let Some(proxies) = report["proxies"].as_array() {
         for p in proxies {
             println!(
-                "node {} proxy: held {} at the peak; RSS {} → {} → {} kB ({:.1} kB per connection, after/before {:.2}); fds {} → {} → {}",
+                "node {} proxy: held {} at the peak; RSS {} cold, {} → {} → {} kB ({:.1} kB per connection, after/before {:.2}); fds {} → {} → {}",
                 p["node"],
                 p["peak"]["held"],
+                p["cold"]["rss_kb"],
                 p["before"]["rss_kb"],
                 p["peak"]["rss_kb"],
                 p["after"]["rss_kb"],
