@@ -146,10 +146,13 @@ pub fn run(which: Which) -> Result<()> {
     let (hbone, runs, seconds, rate_seconds) = match which {
         Which::PodStart { runs, pods } => return pod_start::run(runs, pods),
         Which::Soak(args) => {
-            let out = output_path()?
-                .parent()
-                .context("bench output dir")?
-                .to_path_buf();
+            let out = match &args.out {
+                Some(dir) => dir.clone(),
+                None => output_path()?
+                    .parent()
+                    .context("bench output dir")?
+                    .to_path_buf(),
+            };
             return soak::run(&args, &out);
         }
         Which::Capture {

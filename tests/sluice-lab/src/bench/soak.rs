@@ -47,6 +47,9 @@ pub struct SoakArgs {
     /// Concurrent unauthenticated handshakes in the flood.
     #[arg(long, default_value_t = 32)]
     pub flood_concurrency: usize,
+    /// Where soak.json goes (default: target/bench).
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
 }
 
 const CLIENT_NAMES: [&str; 8] = [
