@@ -47,14 +47,19 @@ pub struct MatrixArgs {
 pub fn run_matrix(args: &MatrixArgs) -> Result<()> {
     check_bounds(args.runs, args.seconds, args.rate_seconds)?;
     require_tool("iperf3")?;
-    let out = match &args.out {
-        Some(dir) => dir.clone(),
-        None => output_path()?
+    let out = out_dir(args.out.as_ref())?;
+    matrix::run(args.runs, args.seconds, args.rate_seconds, &out)
+}
+
+/// Where a benchmark writes: `out` if given, else `target/bench`.
+fn out_dir(out: Option<&PathBuf>) -> Result<PathBuf> {
+    match out {
+        Some(dir) => Ok(dir.clone()),
+        None => Ok(output_path()?
             .parent()
             .context("bench output dir")?
-            .to_path_buf(),
-    };
-    matrix::run(args.runs, args.seconds, args.rate_seconds, &out)
+            .to_path_buf()),
+    }
 }
 
 fn check_bounds(runs: usize, seconds: u32, rate_seconds: f64) -> Result<()> {
@@ -146,13 +151,7 @@ pub fn run(which: Which) -> Result<()> {
     let (hbone, runs, seconds, rate_seconds) = match which {
         Which::PodStart { runs, pods } => return pod_start::run(runs, pods),
         Which::Soak(args) => {
-            let out = match &args.out {
-                Some(dir) => dir.clone(),
-                None => output_path()?
-                    .parent()
-                    .context("bench output dir")?
-                    .to_path_buf(),
-            };
+            let out = out_dir(args.out.as_ref())?;
             return soak::run(&args, &out);
         }
         Which::Capture {

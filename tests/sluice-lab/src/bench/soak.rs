@@ -199,8 +199,9 @@ fn settled(cluster: &Cluster) -> Result<Vec<Usage>> {
     Ok(last)
 }
 
-/// Opens the load once and closes it: the warm-up round.
-fn warm_up(cluster: &Cluster, echo: SocketAddr, args: &SoakArgs) -> Result<()> {
+/// Starts a holder per client pod, `args.connections` spread over them, and waits until each
+/// has opened what it could: the holders and the tunnels opened in all.
+fn open_load(cluster: &Cluster, echo: SocketAddr, args: &SoakArgs) -> Result<(Vec<Holder>, usize)> {
     let per_pod = args.connections.div_ceil(args.pods);
     let mut left = args.connections;
     let mut holders = Vec::new();
@@ -218,6 +219,12 @@ fn warm_up(cluster: &Cluster, echo: SocketAddr, args: &SoakArgs) -> Result<()> {
     for holder in &mut holders {
         opened += holder.opened()?;
     }
+    Ok((holders, opened))
+}
+
+/// Opens the load once and closes it: the warm-up round.
+fn warm_up(cluster: &Cluster, echo: SocketAddr, args: &SoakArgs) -> Result<()> {
+    let (holders, opened) = open_load(cluster, echo, args)?;
     for holder in holders {
         holder.finish()?;
     }
@@ -311,24 +318,8 @@ pub fn run(args: &SoakArgs, out_dir: &std::path::Path) -> Result<()> {
     let (rr_idle_p50, rr_idle_p99) = rr(&probe, echo, args.rr_seconds)?;
     eprintln!("soak: 64-byte RR without load: p50 {rr_idle_p50:.0} µs, p99 {rr_idle_p99:.0} µs");
 
-    let per_pod = args.connections.div_ceil(args.pods);
     let started = Instant::now();
-    let mut holders = Vec::new();
-    let mut left = args.connections;
-    for name in &CLIENT_NAMES[..args.pods] {
-        let count = per_pod.min(left);
-        left -= count;
-        holders.push(Holder::start(
-            &cluster.pod(name).place(),
-            echo,
-            count,
-            args,
-        )?);
-    }
-    let mut opened = 0;
-    for holder in &mut holders {
-        opened += holder.opened()?;
-    }
+    let (holders, opened) = open_load(&cluster, echo, args)?;
     let open_seconds = started.elapsed().as_secs_f64();
     eprintln!(
         "soak: {opened} of {} tunnels open in {open_seconds:.1} s",
